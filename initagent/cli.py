@@ -1,7 +1,196 @@
-"""bpfinit-agent entry point (placeholder until the agent lands)."""
+"""bpfinit-agent: setup | status | gc | cleanup | doctor (+ observe, exporter from their modules).
+
+`setup` takes istio-iptables' flags verbatim (initagent/flags.py) plus bpfinit's own. Every failure is
+one line on stderr and a non-zero exit, so the pod never starts unprotected.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pwd
 import sys
+import time
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+# Subcommands implemented in other modules: name -> "module" with main(argv) -> int
+EXTERNAL = {"observe": "initagent.observe", "exporter": "initagent.exporter"}
 
 
-def main(argv=None) -> int:
-    print("bpfinit-agent: not implemented yet", file=sys.stderr)
-    return 2
+def _err(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"bpfinit-agent: {message}", file=sys.stderr)
+    return code
+
+
+def _lookup_uid(name: str):
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+def _resolve_cgroup(cfg) -> str:
+    from initagent import cgroup
+    if cfg.cgroup:
+        if not os.path.isdir(cfg.cgroup):
+            raise cgroup.CgroupError(f"--cgroup {cfg.cgroup} is not a directory")
+        return cfg.cgroup
+    pod_uid = os.environ.get("POD_UID", "")
+    if not pod_uid:
+        raise cgroup.CgroupError("no --cgroup and no POD_UID (downward API) to find the pod cgroup with")
+    return str(cgroup.find_pod_cgroup(pod_uid))
+
+
+def cmd_setup(argv: list[str]) -> int:
+    from initagent import flags
+    t0 = time.monotonic()
+    try:
+        cfg = flags.parse(argv, os.environ, lookup_uid=_lookup_uid)
+    except flags.FlagError as err:
+        return _err(str(err), EXIT_USAGE)
+    if cfg.unsupported:
+        return _err("unsupported: " + "; ".join(cfg.unsupported), EXIT_USAGE)
+    if cfg.dry_run:
+        print(json.dumps(cfg.to_dict(), sort_keys=True))
+        return 0
+    if cfg.cleanup_only:
+        return cmd_cleanup(argv)
+    if cfg.skip_rule_apply:
+        return 0
+    from initagent import attach, cgroup, loader, netns, podconfig
+    try:
+        if cfg.netns:
+            netns.enter(cfg.netns)
+        cgroup_path = _resolve_cgroup(cfg)
+        build = loader.load(cfg.bpffs, cfg.kernel_headers, _parts_from_env())
+        facts = netns.gather(cfg)
+        from initagent import accel, inbound  # inbound/DNS/accel parts (inbound+DNS engineer)
+        inbound.register()
+        result = attach.setup_pod(build, cfg.bpffs, cfg, facts, netns.cookie(), cgroup_path)
+        if cfg.accelerate:
+            cfg = accel.enable_or_fall_back(build, cfg, facts, cgroup_path, result)
+        from initagent import identity  # observability: name the pod, restart its counters
+        identity.register_from_env(build.dir, netns.cookie(), result.pod_idx, os.environ)
+    except (OSError, RuntimeError, ValueError) as err:
+        if os.environ.get("BPFINIT_DEBUG"):
+            raise
+        return _err(f"setup failed: {err}")
+    for warning in cfg.warnings:
+        print(f"bpfinit-agent: warning: {warning}", file=sys.stderr)
+    if cfg.run_validation:   # istio's redirect validator (initagent/validation.py); 126 on failure
+        from initagent import validation
+        code = validation.run(cfg, ipv6=facts.ipv6_enabled and not any(
+            n.version == 4 and not n.network_address.is_loopback for n in facts.local_networks))
+        if code:
+            return code
+    state = "configured" if result.changed else "already configured (no change)"
+    print(f"bpfinit-agent: pod {state}: pod_idx={result.pod_idx} build={build.hash} cgroup={cgroup_path} "
+          f"entries={result.entries} in {1000 * (time.monotonic() - t0):.0f} ms")
+    return 0
+
+
+def _parts_from_env():
+    """BPFINIT_PARTS=connect.c,sockops.c,... restricts the compiled parts (development aid)."""
+    value = os.environ.get("BPFINIT_PARTS", "")
+    return tuple(p for p in value.split(",") if p) or None
+
+
+def _own_args(argv: list[str], prog: str):
+    import argparse
+    parser = argparse.ArgumentParser(prog=f"bpfinit-agent {prog}")
+    parser.add_argument("--bpffs", default="/sys/fs/bpf")
+    parser.add_argument("--netns", default="")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--cgroup2-root", default="")
+    parser.add_argument("--all", action="store_true", help="status: counters of every pod on the node")
+    args, _rest = parser.parse_known_args(argv)   # tolerate istio flags (cleanup-only passes them)
+    return args
+
+
+def cmd_cleanup(argv: list[str]) -> int:
+    from initagent import attach, loader, netns
+    args = _own_args(argv, "cleanup")
+    try:
+        if args.netns:
+            netns.enter(args.netns)
+        cookie = netns.cookie()
+        removed = 0
+        for directory in loader.builds(args.bpffs):
+            with _open_build(directory) as build:
+                removed += attach.remove_pod(build, args.bpffs, cookie)
+    except (OSError, RuntimeError) as err:
+        return _err(f"cleanup failed: {err}")
+    print(f"bpfinit-agent: detached this pod (netns cookie {cookie}), {removed} entries removed")
+    return 0
+
+
+def _open_build(directory):
+    from initagent import loader
+    return loader.Build(directory, [p for p in loader.PROGRAMS if (directory / "progs" / p.name).exists()])
+
+
+def cmd_status(argv: list[str]) -> int:
+    from initagent import status
+    args = _own_args(argv, "status")
+    if args.all:
+        from initagent import counters
+        return counters.cmd_all(args.bpffs, args.json)
+    try:
+        report = status.pod_status(args.bpffs, args.netns)
+    except (OSError, RuntimeError) as err:
+        return _err(f"status failed: {err}")
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+    else:
+        print(status.render(report))
+    return 0 if report.get("configured") else 3
+
+
+def cmd_gc(argv: list[str]) -> int:
+    from initagent import gc
+    args = _own_args(argv, "gc")
+    try:
+        report = gc.collect(args.bpffs, args.cgroup2_root or None)
+    except (OSError, RuntimeError) as err:
+        return _err(f"gc failed: {err}")
+    print(json.dumps(report, sort_keys=True) if args.json else
+          f"bpfinit-agent: gc removed {report['pods_removed']} dead pods, {report['entries_removed']} entries, "
+          f"{report['dirs_removed']} stale pin dirs")
+    return 0
+
+
+def cmd_doctor(argv: list[str]) -> int:
+    from initagent import doctor
+    args = _own_args(argv, "doctor")
+    checks = doctor.run_checks(args.bpffs)
+    if args.json:
+        print(json.dumps(checks, indent=2))
+    else:
+        print(doctor.render(checks))
+    return 0 if all(c["ok"] for c in checks) else EXIT_FAILED
+
+
+COMMANDS = {"setup": cmd_setup, "status": cmd_status, "gc": cmd_gc, "cleanup": cmd_cleanup, "doctor": cmd_doctor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        names = ", ".join(list(COMMANDS) + list(EXTERNAL))
+        print(f"usage: bpfinit-agent {{{names}}} [flags]\n  setup takes istio-iptables flags "
+              "(-p -z -e -u -g -m -i -x -b -d -q -o -k -c ...) plus --cgroup, --bpffs, --netns, "
+              "--kernel-headers, --egress-allow, --accelerate")
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    if command in COMMANDS:
+        return COMMANDS[command](rest)
+    if command in EXTERNAL:
+        return importlib.import_module(EXTERNAL[command]).main(rest)
+    return _err(f"unknown command {command!r} (expected one of: {', '.join(list(COMMANDS) + list(EXTERNAL))})",
+                EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,131 @@
-"""bpfinit-webhook entry point (placeholder until the webhook lands)."""
+"""`bpfinit-webhook` command line.
+
+    bpfinit-webhook serve [--host H] [--port P] [--cert-dir DIR] [--agent-image IMG] ...
+
+Other subcommands (`manifests`, `audit`, ...) plug in by adding a
+`register(subparsers)` function to their module and its name to SUBCOMMAND_MODULES;
+`register` adds a parser whose `func(args) -> int` is called. A module listed
+here that does not exist yet is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
 import sys
 
+DEFAULT_PORT = 8443
+DEFAULT_CERT_DIR = "run/certs"           # relative to the working directory: writable by the user
+DEFAULT_SERVICE = "bpfinit-webhook"
+DEFAULT_NAMESPACE = "bpfinit-system"
 
-def main(argv=None) -> int:
-    print("bpfinit-webhook: not implemented yet", file=sys.stderr)
-    return 2
+# Modules that add subcommands (each with `register(subparsers)`).
+SUBCOMMAND_MODULES = ("webhook.manifests_cli", "webhook.audit", "webhook.cabundle")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port")
+    return value
+
+
+def _add_serve(subparsers) -> None:
+    from webhook import policy
+    from webhook.app import DEFAULT_AGENT_IMAGE
+
+    serve = subparsers.add_parser(
+        "serve", help="run the admission webhook server (HTTPS)",
+        description="Serve /mutate, /validate, /healthz, /readyz and /metrics over TLS >= 1.2 with gunicorn. "
+                    "Every flag also reads the environment variable shown.")
+    serve.add_argument("--host", default=_env("BPFINIT_WEBHOOK_HOST", "0.0.0.0"),
+                       help="address to listen on (env BPFINIT_WEBHOOK_HOST; default %(default)s)")
+    serve.add_argument("--port", type=_port, default=_env("BPFINIT_WEBHOOK_PORT", str(DEFAULT_PORT)),
+                       help="TCP port (env BPFINIT_WEBHOOK_PORT; default %(default)s)")
+    serve.add_argument("--cert-dir", default=_env("BPFINIT_WEBHOOK_CERT_DIR", DEFAULT_CERT_DIR),
+                       help="directory with tls.crt/tls.key (and ca.crt); created with a self-made CA when "
+                            "they are missing (env BPFINIT_WEBHOOK_CERT_DIR; default %(default)s)")
+    serve.add_argument("--agent-image", default=_env("BPFINIT_AGENT_IMAGE", DEFAULT_AGENT_IMAGE),
+                       help="image of the bpfinit agent put in place of istio-init "
+                            "(env BPFINIT_AGENT_IMAGE; default %(default)s)")
+    serve.add_argument("--service-name", default=_env("BPFINIT_WEBHOOK_SERVICE", DEFAULT_SERVICE),
+                       help="Service name for the certificate SANs (default %(default)s)")
+    serve.add_argument("--namespace", default=_env("BPFINIT_WEBHOOK_NAMESPACE", DEFAULT_NAMESPACE),
+                       help="namespace for the certificate SANs <svc>.<ns>.svc (default %(default)s)")
+    serve.add_argument("--extra-san", action="append", default=[],
+                       help="additional DNS name or IP for a self-made certificate (repeatable)")
+    serve.add_argument("--workers", type=_positive_int, default=_env("BPFINIT_WEBHOOK_WORKERS", "2"),
+                       help="gunicorn worker processes (default %(default)s)")
+    serve.add_argument("--threads", type=_positive_int, default=_env("BPFINIT_WEBHOOK_THREADS", "4"),
+                       help="threads per worker (gthread; default %(default)s)")
+    serve.add_argument("--metrics-dir", default=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+                       help="prometheus multiprocess directory, wiped at start "
+                            "(env PROMETHEUS_MULTIPROC_DIR; default: a fresh temporary directory)")
+    serve.add_argument("--log-level", default=_env("BPFINIT_WEBHOOK_LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"], help="default %(default)s")
+    serve.add_argument("--access-log", action="store_true", help="also write gunicorn's access log")
+    policy.add_serve_arguments(serve)  # --policy FILE, --policy-crds
+    serve.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from webhook import certs, policy
+    from webhook.server import ServerOptions, serve
+
+    try:
+        policy_store = policy.store_from_args(args)
+    except policy.PolicyError as error:
+        print(f"bpfinit-webhook: {error}", file=sys.stderr)
+        return 2
+    sans = certs.default_sans(args.service_name, args.namespace) + list(args.extra_san)
+    try:
+        paths = certs.ensure_certificates(args.cert_dir, sans)
+    except certs.CertificateError as error:
+        print(f"bpfinit-webhook: {error}", file=sys.stderr)
+        return 2
+    print(f"bpfinit-webhook: serving https://{args.host}:{args.port} with {paths.tls_cert} "
+          f"(CA bundle: {paths.ca_cert})", file=sys.stderr)
+    options = ServerOptions(host=args.host, port=args.port, cert_dir=str(paths.directory),
+                            agent_image=args.agent_image, workers=args.workers, threads=args.threads,
+                            metrics_dir=args.metrics_dir, log_level=args.log_level, access_log=args.access_log)
+    try:
+        return serve(options, policy_store)
+    except certs.CertificateError as error:
+        print(f"bpfinit-webhook: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bpfinit-webhook",
+                                     description="bpfinit admission webhook (swaps istio-init for the eBPF agent)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    _add_serve(subparsers)
+    for module_name in SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+/* cgroup/connect4 + cgroup/connect6: outbound TCP capture with istio-iptables' ISTIO_OUTPUT order
+ * (istio-capture-contract.md §1.4). Included by bpfinit.c after maps.h/common.h. */
+
+#define ACT_BYPASS   0
+#define ACT_REDIRECT 1   /* ISTIO_REDIRECT: to 127.0.0.1:<-p> */
+#define ACT_HAIRPIN  2   /* ISTIO_IN_REDIRECT: to 127.0.0.1:<-z> */
+#define ACT_DENY     3   /* egress guard: EPERM */
+
+#define IPPROTO_TCP_NUM 6
+#define DNS_PORT 53
+
+struct out_req {
+    int v6;               /* lookup family: 0 = IPv4 (also v4-mapped on AF_INET6 sockets) */
+    __u32 dst[4];         /* network order; v4 in dst[0] */
+    __u16 dport;          /* host order */
+    __u32 uid;
+    __u32 gid;
+    int src_passthrough;  /* bound to 127.0.0.6 / ::6 */
+};
+
+static __always_inline __u32 *cidr_lookup(int v6, __u32 pod_idx, __u32 kind, const __u32 *dst)
+{
+    if (!v6) {
+        struct cidr4_key k4 = {};
+        k4.prefixlen = 96;
+        k4.pod_idx_be = bpf_htonl(pod_idx);
+        k4.kind_be = bpf_htonl(kind);
+        k4.addr_be = dst[0];
+        return cidr4.lookup(&k4);
+    }
+    struct cidr6_key k6 = {};
+    k6.prefixlen = 192;
+    k6.pod_idx_be = bpf_htonl(pod_idx);
+    k6.kind_be = bpf_htonl(kind);
+    k6.addr_be[0] = dst[0];
+    k6.addr_be[1] = dst[1];
+    k6.addr_be[2] = dst[2];
+    k6.addr_be[3] = dst[3];
+    return cidr6.lookup(&k6);
+}
+
+static __always_inline int id_member(__u32 pod_idx, __u32 kind, __u32 value)
+{
+    struct id_key k = {};
+    k.pod_idx = pod_idx;
+    k.kind = kind;
+    k.value = value;
+    return pod_ids.lookup(&k) != 0;
+}
+
+/* The loopback CIDR of rule 12 / the `! -d` of rule 9a: ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR, or ::1/128. */
+static __always_inline int in_loopback_cidr(const struct pod_cfg *cfg, const struct out_req *r)
+{
+    if (!r->v6)
+        return (r->dst[0] & cfg->loopback4_mask_be) == cfg->loopback4_addr_be;
+    return r->dst[0] == 0 && r->dst[1] == 0 && r->dst[2] == 0 && r->dst[3] == bpf_htonl(1);
+}
+
+/* Rule 9 for one id list (-u then -g): the ids are evaluated in order in iptables; see agent.md for why
+ * "first id + membership" reproduces the sequence exactly. Returns -1 when no rule matched. */
+static __always_inline int owner_rules(const struct pod_cfg *cfg, const struct out_req *r, int is_lo,
+                                       __u32 kind, __u32 first, __u32 id, int *reason)
+{
+    int dns = (cfg->flags & CFG_DNS_CAPTURE) != 0;
+    /* 9a: hairpin; the uid variant also skips 53 when DNS capture is on */
+    int hairpin_ok = is_lo && !in_loopback_cidr(cfg, r) && r->dport != cfg->inbound_tunnel_port &&
+                     !(dns && kind == ID_PROXY_UID && r->dport == DNS_PORT);
+    if (!(cfg->flags & CFG_INCLUDE_HAS_LOOPBACK)) {
+        if (is_lo) {
+            /* 9a(first) may hairpin; 9b(first) returns every other id over lo (TCP/53 excepted with DNS) */
+            if (id == first && hairpin_ok) {
+                *reason = REASON_PROXY_HAIRPIN;
+                return ACT_HAIRPIN;
+            }
+            if (id != first && dns && r->dport == DNS_PORT) {
+                /* 9b does not match TCP/53 with DNS capture on: fall through to 9c and later ids */
+            } else {
+                *reason = (id == first) ? (kind == ID_PROXY_UID ? REASON_PROXY_UID : REASON_PROXY_GID)
+                                        : REASON_LOOPBACK;
+                return ACT_BYPASS;
+            }
+        }
+    }
+    if (id_member(cfg->pod_idx, kind, id)) {
+        if (hairpin_ok) {
+            *reason = REASON_PROXY_HAIRPIN;
+            return ACT_HAIRPIN;
+        }
+        *reason = kind == ID_PROXY_UID ? REASON_PROXY_UID : REASON_PROXY_GID;
+        return ACT_BYPASS;
+    }
+    return -1;
+}
+
+/* Rules 1-10 (everything before DNS); -1 = no decision yet. */
+static __always_inline int outbound_decide_early(const struct pod_cfg *cfg, const struct out_req *r, int *reason)
+{
+    __u32 idx = cfg->pod_idx;
+    int is_lo = cidr_lookup(r->v6, idx, CIDR_LOCAL, r->dst) != 0;
+
+    /* 1. -c: `OUTPUT -o <nic> -j RETURN`, before ISTIO_OUTPUT. Local destinations route via lo. */
+    if (!is_lo) {
+        __u32 *via_excluded = cidr_lookup(r->v6, idx, CIDR_ROUTE, r->dst);
+        if (via_excluded && *via_excluded) {
+            *reason = REASON_INTERFACE;
+            return ACT_BYPASS;
+        }
+    }
+    /* 7. -o ports */
+    if (id_member(idx, PORT_OUT_EXCLUDE, r->dport)) {
+        *reason = REASON_EXCLUDED_PORT;
+        return ACT_BYPASS;
+    }
+    /* 8. -o lo -s 127.0.0.6 / ::6 */
+    if (is_lo && r->src_passthrough) {
+        *reason = REASON_PASSTHROUGH_SOURCE;
+        return ACT_BYPASS;
+    }
+    /* 9. proxy uid rules, then gid rules */
+    int act = owner_rules(cfg, r, is_lo, ID_PROXY_UID, cfg->first_uid, r->uid, reason);
+    if (act >= 0)
+        return act;
+    act = owner_rules(cfg, r, is_lo, ID_PROXY_GID, cfg->first_gid, r->gid, reason);
+    if (act >= 0)
+        return act;
+    /* 10. owner groups (primary gid of the calling task; see agent.md for supplementary groups) */
+    int member = id_member(idx, ID_OWNER_GROUP, r->gid);
+    if ((cfg->flags & CFG_OWNER_INCLUDE) ? !member : member) {
+        *reason = REASON_OWNER_GROUP;
+        return ACT_BYPASS;
+    }
+    return -1;
+}
+
+/* Rules 12-15, after DNS (rule 11, dns.c) had its say. */
+static __always_inline int outbound_decide_late(const struct pod_cfg *cfg, const struct out_req *r, int *reason)
+{
+    __u32 idx = cfg->pod_idx;
+    /* 12. loopback CIDR */
+    if (in_loopback_cidr(cfg, r)) {
+        *reason = REASON_LOOPBACK;
+        return ACT_BYPASS;
+    }
+    /* 13. -x (applies to any -i) */
+    if (cidr_lookup(r->v6, idx, CIDR_EXCLUDE, r->dst)) {
+        *reason = REASON_EXCLUDED_CIDR;
+        return ACT_BYPASS;
+    }
+    /* 14. -q */
+    if (id_member(idx, PORT_OUT_INCLUDE, r->dport)) {
+        *reason = REASON_NONE;
+        return ACT_REDIRECT;
+    }
+    /* 15. -i */
+    if ((cfg->flags & CFG_INCLUDE_ALL) || cidr_lookup(r->v6, idx, CIDR_INCLUDE, r->dst)) {
+        *reason = REASON_NONE;
+        return ACT_REDIRECT;
+    }
+    *reason = REASON_NOT_INCLUDED;
+    return ACT_BYPASS;
+}
+
+/* Egress guard: bypasses that leave the pod outside the proxy must be in the allow-list. */
+static __always_inline int egress_allowed(const struct pod_cfg *cfg, const struct out_req *r, int reason)
+{
+    if (!(cfg->flags & CFG_EGRESS_GUARD))
+        return 1;
+    if (reason != REASON_INTERFACE && reason != REASON_EXCLUDED_PORT && reason != REASON_EXCLUDED_CIDR &&
+        reason != REASON_NOT_INCLUDED && reason != REASON_OWNER_GROUP)
+        return 1;
+    __u32 *set = cidr_lookup(r->v6, cfg->pod_idx, CIDR_EGRESS, r->dst);
+    if (!set)
+        return 0;
+    struct port_key pk = {};
+    pk.prefixlen = 64 + 16;
+    pk.pod_idx_be = bpf_htonl(cfg->pod_idx);
+    pk.set_be = bpf_htonl(*set);
+    pk.port_be = bpf_htons(r->dport);
+    return egress_ports.lookup(&pk) != 0;
+}
+
+static __always_inline void remember_orig(struct bpf_sock *sk, const struct pod_cfg *cfg,
+                                          const struct out_req *r, __u16 port_be, int act)
+{
+    if (!sk)
+        return;
+    struct orig_dst *od = orig_by_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!od)
+        return;
+    od->family = r->v6 ? AF_INET6 : AF_INET;
+    od->addr_be[0] = r->dst[0];
+    od->addr_be[1] = r->dst[1];
+    od->addr_be[2] = r->dst[2];
+    od->addr_be[3] = r->dst[3];
+    od->port_be = port_be;
+    od->redirected = act == ACT_HAIRPIN ? 2 : 1;
+    od->pod_idx = cfg->pod_idx;
+}
+
+static __always_inline void fill_ids(struct out_req *r)
+{
+    __u64 ug = bpf_get_current_uid_gid();
+    r->uid = (__u32)ug;
+    r->gid = (__u32)(ug >> 32);
+}
+
+static __always_inline void emit(void *ctx, __u64 cookie, const struct pod_cfg *cfg, const struct out_req *r,
+                                 int verdict, int reason, int act)
+{
+    struct flow_tuple t;
+    flow_zero(&t);
+    t.family = r->v6 ? AF_INET6 : AF_INET;
+    t.l4_proto = IPPROTO_TCP_NUM;
+    t.orig_dst_port = r->dport;
+    t.dst_port = r->dport;
+    t.uid = r->uid;
+    t.gid = r->gid;
+    t.orig_dst_addr[0] = t.dst_addr[0] = r->dst[0];
+    t.orig_dst_addr[1] = t.dst_addr[1] = r->dst[1];
+    t.orig_dst_addr[2] = t.dst_addr[2] = r->dst[2];
+    t.orig_dst_addr[3] = t.dst_addr[3] = r->dst[3];
+    if (verdict == VERDICT_REDIRECTED) {
+        __u16 to = act == ACT_HAIRPIN ? cfg->inbound_capture_port : cfg->proxy_port;
+        if (r->v6) {
+            __u32 lo6[4] = {0, 0, 0, bpf_htonl(1)};
+            flow_set_dst6(&t, lo6, to);
+        } else {
+            flow_set_dst4(&t, LOOPBACK4_BE, to);
+        }
+    }
+    record(ctx, cookie, cfg->pod_idx, DIR_OUTBOUND, verdict, reason, &t);
+}
+
+/* The whole outbound decision for one connect. Returns ACT_*; -1 = DNS redirected it (dns.c). */
+static __always_inline int outbound_connect(struct bpf_sock_addr *ctx, const struct pod_cfg *cfg,
+                                            const struct out_req *r, int is6, int *reason)
+{
+    int act = outbound_decide_early(cfg, r, reason);
+    if (act < 0) {
+#if __has_include("dns.c")
+        /* 11. DNS (TCP here; UDP connect too, below): redirected to the DNS proxy by dns.c */
+        if (!r->v6 && !is6 && bi_dns_connect4(ctx, cfg->pod_idx))
+            return -1;
+        if (r->v6 && is6 && bi_dns_connect6(ctx, cfg->pod_idx))
+            return -1;
+#endif
+        if (ctx->type != SOCK_STREAM)
+            return ACT_BYPASS;   /* ISTIO_REDIRECT is TCP only */
+        act = outbound_decide_late(cfg, r, reason);
+    }
+    if (ctx->type != SOCK_STREAM)
+        return ACT_BYPASS;       /* rules 1-10 ran for UDP only to give DNS istio's order */
+    if (act == ACT_BYPASS && !egress_allowed(cfg, r, *reason)) {
+        *reason = REASON_EGRESS_POLICY;
+        return ACT_DENY;
+    }
+    return act;
+}
+
+int bpfinit_connect4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
+        return 1;
+    __u64 cookie = bpf_get_netns_cookie(ctx);
+    struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
+    if (!cfg)
+        return 1;
+    struct out_req r = {};
+    r.dst[0] = ctx->user_ip4;
+    __u16 port_be = (__u16)ctx->user_port;
+    r.dport = bpf_ntohs(port_be);
+    fill_ids(&r);
+    struct bpf_sock *sk = ctx->sk;
+    if (sk && sk->src_ip4 == PASSTHROUGH4_BE)
+        r.src_passthrough = 1;
+    int reason = REASON_NONE;
+    int act = outbound_connect(ctx, cfg, &r, 0, &reason);
+    if (act < 0)
+        return 1;
+    if (act == ACT_DENY) {
+        emit(ctx, cookie, cfg, &r, VERDICT_DENIED, reason, act);
+        return 0;   /* EPERM */
+    }
+    if (act == ACT_BYPASS) {
+        if (ctx->type == SOCK_STREAM)
+            emit(ctx, cookie, cfg, &r, VERDICT_BYPASSED, reason, act);
+        return 1;
+    }
+    remember_orig(sk, cfg, &r, port_be, act);
+    ctx->user_ip4 = LOOPBACK4_BE;
+    ctx->user_port = bpf_htons(act == ACT_HAIRPIN ? cfg->inbound_capture_port : cfg->proxy_port);
+    emit(ctx, cookie, cfg, &r, VERDICT_REDIRECTED, reason, act);
+    return 1;
+}
+
+int bpfinit_connect6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
+        return 1;
+    __u64 cookie = bpf_get_netns_cookie(ctx);
+    struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
+    if (!cfg)
+        return 1;
+    struct out_req r = {};
+    __u32 d0 = ctx->user_ip6[0], d1 = ctx->user_ip6[1], d2 = ctx->user_ip6[2], d3 = ctx->user_ip6[3];
+    int mapped = d0 == 0 && d1 == 0 && d2 == bpf_htonl(0x0000ffff);
+    if (mapped) {
+        r.dst[0] = d3;   /* IPv4 on a dual-stack socket: the IPv4 (iptables) rules apply */
+    } else {
+        if (!(cfg->flags & CFG_IPV6))
+            return 1;    /* istio programs no ip6tables rules for an IPv4 pod */
+        r.v6 = 1;
+        r.dst[0] = d0;
+        r.dst[1] = d1;
+        r.dst[2] = d2;
+        r.dst[3] = d3;
+    }
+    __u16 port_be = (__u16)ctx->user_port;
+    r.dport = bpf_ntohs(port_be);
+    fill_ids(&r);
+    struct bpf_sock *sk = ctx->sk;
+    if (sk) {
+        if (mapped)
+            r.src_passthrough = sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 &&
+                                sk->src_ip6[2] == bpf_htonl(0x0000ffff) && sk->src_ip6[3] == PASSTHROUGH4_BE;
+        else
+            r.src_passthrough = sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 && sk->src_ip6[2] == 0 &&
+                                sk->src_ip6[3] == bpf_htonl(6);
+    }
+    int reason = REASON_NONE;
+    int act = outbound_connect(ctx, cfg, &r, 1, &reason);
+    if (act < 0)
+        return 1;
+    if (act == ACT_DENY) {
+        emit(ctx, cookie, cfg, &r, VERDICT_DENIED, reason, act);
+        return 0;   /* EPERM */
+    }
+    if (act == ACT_BYPASS) {
+        if (ctx->type == SOCK_STREAM)
+            emit(ctx, cookie, cfg, &r, VERDICT_BYPASSED, reason, act);
+        return 1;
+    }
+    remember_orig(sk, cfg, &r, port_be, act);
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    if (mapped) {
+        ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+        ctx->user_ip6[3] = LOOPBACK4_BE;
+    } else {
+        ctx->user_ip6[2] = 0;
+        ctx->user_ip6[3] = bpf_htonl(1);
+    }
+    ctx->user_port = bpf_htons(act == ACT_HAIRPIN ? cfg->inbound_capture_port : cfg->proxy_port);
+    emit(ctx, cookie, cfg, &r, VERDICT_REDIRECTED, reason, act);
+    return 1;
+}

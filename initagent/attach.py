@@ -1,0 +1,240 @@
+"""Per-pod attach/detach: config entries + programs on the pod cgroup (and netns), all or nothing.
+
+Order (so a failure or a kill leaves nothing half-attached):
+ 1. register a fresh pod_idx (BPF_NOEXIST: safe with concurrent setups) and write its list entries;
+ 2. create bpf links (cgroup programs: multi-attach, coexisting with Cilium/systemd programs; the
+    netns program: per-netns link). Links live only as long as our fds until pinned, so a kill here
+    detaches everything by itself;
+ 3. pin the links under <bpffs>/bpfinit/pods/<key>_new_<pid> (bpffs rejects names with a dot)/ and rename that into place;
+ 4. commit: pod_by_netns[cookie] = pod_cfg (programs return at once for netns without it);
+ 5. retire the previous generation of this pod (re-run with a changed config).
+Any error before 4 undoes 1-3. A re-run with the same config and intact links is a no-op.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from initagent import bpfsys, podconfig
+from initagent.flags import CaptureConfig
+from initagent.loader import Build
+from initagent.podconfig import PodFacts
+
+
+class AttachError(RuntimeError):
+    pass
+
+
+@dataclass
+class SetupResult:
+    pod_idx: int
+    changed: bool
+    pod_dir: Path
+    entries: int
+
+
+def pods_root(bpffs: str | Path) -> Path:
+    return Path(bpffs) / "bpfinit" / "pods"
+
+
+def pod_key(cookie: int) -> str:
+    return f"ns-{cookie:x}"
+
+
+def _read_cfg(build: Build, cookie: int) -> dict | None:
+    raw = bpfsys.map_lookup(build.map_fd("pod_by_netns"), podconfig.U64.pack(cookie), podconfig.POD_CFG.size)
+    return podconfig.unpack_pod_cfg(raw) if raw else None
+
+
+def _read_info(build: Build, pod_idx: int) -> dict | None:
+    raw = bpfsys.map_lookup(build.map_fd("pod_registry"), podconfig.U32.pack(pod_idx), podconfig.POD_INFO.size)
+    return podconfig.unpack_pod_info(raw) if raw else None
+
+
+def _links_intact(pod_dir: Path, build: Build, cgroup_id: int) -> bool:
+    """Every program of the build has a pinned link here that is still attached to this cgroup."""
+    for spec in build.programs:
+        if spec.target not in ("cgroup", "netns"):
+            continue
+        path = pod_dir / spec.name
+        if not path.exists():
+            return False
+        try:
+            with bpfsys.Fd(bpfsys.obj_get(str(path))) as link:
+                info = bpfsys.link_info(link.fd)
+        except OSError:
+            return False
+        if spec.target == "cgroup" and info.get("cgroup_id") != cgroup_id:
+            return False
+        if info.get("prog_id") != bpfsys.prog_id(build.prog_fd(spec.name)):
+            return False
+    return True
+
+
+def _allocate_idx(build: Build, info: bytes) -> int:
+    fd = build.map_fd("pod_registry")
+    for _ in range(64):
+        idx = secrets.randbelow(2**31 - 2) + 1
+        try:
+            bpfsys.map_update(fd, podconfig.U32.pack(idx), info, bpfsys.BPF_NOEXIST)
+            return idx
+        except bpfsys.BpfError as err:
+            if err.errno != 17:  # EEXIST: someone else holds it, try another
+                raise
+    raise AttachError("could not allocate a pod index (registry full?)")
+
+
+def delete_pod_entries(build: Build, pod_idx: int, entries: dict[str, list[tuple[bytes, bytes]]] | None = None) -> int:
+    """Remove a pod's list entries (from the known rows, or by scanning every list map)."""
+    removed = 0
+    for name, key_size in podconfig.LIST_MAPS.items():
+        if not build.has_map(name):
+            continue
+        fd = build.map_fd(name)
+        keys = [k for k, _v in entries.get(name, [])] if entries is not None else \
+            [k for k in bpfsys.map_keys(fd, key_size) if podconfig.key_pod_idx(name, k) == pod_idx]
+        for key in keys:
+            removed += bpfsys.map_delete(fd, key)
+    bpfsys.map_delete(build.map_fd("pod_registry"), podconfig.U32.pack(pod_idx))
+    return removed
+
+
+def _write_entries(build: Build, entries: dict[str, list[tuple[bytes, bytes]]]) -> int:
+    count = 0
+    for name, rows in entries.items():
+        fd = build.map_fd(name)
+        for key, value in rows:
+            bpfsys.map_update(fd, key, value)
+            count += 1
+    return count
+
+
+def _unpin_dir(path: Path) -> None:
+    """Unpinning a link dir detaches its programs (we hold no other fds)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def setup_pod(build: Build, bpffs: str | Path, cfg: CaptureConfig, facts: PodFacts, cookie: int,
+              cgroup_path: str | Path, netns_path: str = "/proc/self/ns/net") -> SetupResult:
+    cgroup_path = Path(cgroup_path)
+    cgroup_id = os.stat(cgroup_path).st_ino
+    netns_ino = os.stat(netns_path).st_ino
+    digest = podconfig.config_digest(cfg, facts)
+    root = pods_root(bpffs)
+    root.mkdir(parents=True, exist_ok=True)
+    final_dir = root / pod_key(cookie)
+
+    current = _read_cfg(build, cookie)
+    old_idx = current["pod_idx"] if current else None
+    if current:
+        info = _read_info(build, old_idx)
+        if info and info["config_hash"] == digest.hex() and info["cgroup_id"] == cgroup_id and \
+                _links_intact(final_dir, build, cgroup_id):
+            return SetupResult(old_idx, False, final_dir, 0)
+
+    pending = podconfig.pod_info_value(cookie, cgroup_id, netns_ino, time.time_ns(), os.getpid(), 0, digest)
+    pod_idx = _allocate_idx(build, pending)
+    entries: dict = {}
+    link_fds: list[int] = []
+    new_dir = root / f"{pod_key(cookie)}_new_{os.getpid()}"
+    old_dir = root / f"{pod_key(cookie)}_old_{os.getpid()}"
+    committed = False
+    try:
+        entries = podconfig.build_entries(cfg, pod_idx, facts)
+        count = _write_entries(build, entries)
+        cfg_value = podconfig.pod_cfg_value(cfg, facts, pod_idx)
+        cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        ns_fd = os.open(netns_path, os.O_RDONLY)
+        try:
+            names = []
+            for spec in build.programs:
+                if spec.target == "cgroup":
+                    target = cg_fd
+                elif spec.target == "netns":
+                    target = ns_fd
+                else:
+                    continue
+                try:
+                    link_fds.append(bpfsys.link_create(build.prog_fd(spec.name), target,
+                                                       bpfsys.ATTACH[spec.attach_type]))
+                except OSError as err:
+                    raise AttachError(f"attaching {spec.name} to {'cgroup ' + str(cgroup_path) if target == cg_fd else 'netns'}"
+                                      f" failed: {err.strerror}") from None
+                names.append(spec.name)
+        finally:
+            os.close(cg_fd)
+            os.close(ns_fd)
+        new_dir.mkdir()
+        for name, fd in zip(names, link_fds):
+            bpfsys.obj_pin(fd, str(new_dir / name))
+        if final_dir.exists():
+            final_dir.rename(old_dir)
+        new_dir.rename(final_dir)
+        # commit: from here the pod is captured with the new config
+        bpfsys.map_update(build.map_fd("pod_by_netns"), podconfig.U64.pack(cookie), cfg_value)
+        committed = True
+        bpfsys.map_update(build.map_fd("pod_registry"), podconfig.U32.pack(pod_idx),
+                          podconfig.pod_info_value(cookie, cgroup_id, netns_ino, time.time_ns(), os.getpid(), 1,
+                                                   digest))
+    except BaseException:
+        if not committed:
+            for fd in link_fds:
+                os.close(fd)
+            link_fds = []
+            _unpin_dir(new_dir)
+            if final_dir.exists() and old_dir.exists():
+                _unpin_dir(final_dir)
+            if old_dir.exists():
+                old_dir.rename(final_dir)
+            delete_pod_entries(build, pod_idx, entries)
+        raise
+    finally:
+        for fd in link_fds:
+            os.close(fd)
+    # retire the previous generation of this pod
+    _unpin_dir(old_dir)
+    if old_idx is not None and old_idx != pod_idx:
+        delete_pod_entries(build, old_idx)
+    remove_same_cgroup_leftovers(build, bpffs, cgroup_id, keep_cookie=cookie)
+    return SetupResult(pod_idx, True, final_dir, count)
+
+
+def remove_same_cgroup_leftovers(build: Build, bpffs, cgroup_id: int, keep_cookie: int) -> None:
+    """A pod sandbox restart gives the pod a new netns under the same cgroup: drop the old one's state."""
+    fd = build.map_fd("pod_registry")
+    for key in bpfsys.map_keys(fd, 4):
+        raw = bpfsys.map_lookup(fd, key, podconfig.POD_INFO.size)
+        if not raw:
+            continue
+        info = podconfig.unpack_pod_info(raw)
+        if info["cgroup_id"] == cgroup_id and info["netns_cookie"] != keep_cookie and info["committed"]:
+            remove_pod(build, bpffs, info["netns_cookie"], podconfig.U32.unpack(key)[0])
+
+
+def remove_pod(build: Build, bpffs, cookie: int, pod_idx: int | None = None) -> int:
+    """Detach and forget one pod: config first (capture stops deciding), then links, then entries."""
+    current = _read_cfg(build, cookie)
+    if current and (pod_idx is None or current["pod_idx"] == pod_idx):
+        bpfsys.map_delete(build.map_fd("pod_by_netns"), podconfig.U64.pack(cookie))
+        pod_idx = current["pod_idx"]
+    _unpin_dir(pods_root(bpffs) / pod_key(cookie))
+    if pod_idx is None:
+        return 0
+    return delete_pod_entries(build, pod_idx)
+
+
+def attached_ids(cgroup_path: str | Path) -> dict[str, list[int]]:
+    """Program ids attached to a cgroup, per attach type we use (for status and tests)."""
+    out = {}
+    fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in ("inet4_connect", "inet6_connect", "sock_ops", "getsockopt", "udp4_sendmsg",
+                     "udp6_sendmsg", "udp4_recvmsg", "udp6_recvmsg"):
+            out[name] = bpfsys.prog_query(fd, bpfsys.ATTACH[name])
+    finally:
+        os.close(fd)
+    return out

@@ -1,0 +1,47 @@
+"""Kernel fixtures for the agent tests: one private bpffs and ONE compile per test session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+# Parts compiled for these tests (the core datapath). BPFINIT_TEST_PARTS="" compiles every part present.
+CORE_PARTS = "connect.c,sockops.c,getsockopt.c"
+TEST_PARTS = os.environ.get("BPFINIT_TEST_PARTS", CORE_PARTS)
+
+
+def agent_env(**extra) -> dict:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin"), "BPFINIT_PARTS": TEST_PARTS,
+           "PYTHONPATH": str(REPO)}
+    env.update(extra)
+    return env
+
+
+def run_agent(args: list[str], env_extra: dict | None = None, timeout: float = 120,
+              prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = agent_env(**(env_extra or {}))
+    return subprocess.run((prefix or []) + [PYTHON, "-m", "initagent.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def bpffs():
+    from tests.podenv import bpffs_mount, require_kernel
+    require_kernel()
+    with bpffs_mount() as path:
+        yield path
+
+
+@pytest.fixture(scope="session")
+def build(bpffs):
+    """Compile and pin once per session; every test after that is a warm setup."""
+    from initagent import loader
+    parts = tuple(p for p in TEST_PARTS.split(",") if p) or None
+    b = loader.load(bpffs, parts=parts)
+    yield b
+    b.close()

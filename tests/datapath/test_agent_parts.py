@@ -1,0 +1,70 @@
+"""The agent's inbound/DNS/accel parts through the real `bpfinit-agent setup`: Istio's validator,
+the acceleration gate/self-test fallback, and unsupported configs refused clearly."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from initagent import accel
+from initagent.flags import parse
+from tests.datapath import agentrun
+from tests.podenv import Pod, bpffs_mount
+
+PY = sys.executable
+
+
+@pytest.mark.kernel
+def test_run_validation_passes_when_redirection_preserves_original_dst():
+    with bpffs_mount() as bpffs, Pod("val") as pod:
+        res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + ["--run-validation"])
+        assert res.returncode == 0, res.stderr
+        assert "validation passed: 127.0.0.6:15002" in res.stdout and "SO_ORIGINAL_DST port 15002" in res.stdout
+
+
+@pytest.mark.kernel
+def test_run_validation_fails_with_126_when_nothing_redirects():
+    # -o 15002: the excluded-port RETURN comes before the hairpin rule, so nothing carries
+    # 127.0.0.6:15002 to a listener: Istio's validator fails the same way with these rules.
+    with bpffs_mount() as bpffs, Pod("val2") as pod:
+        args = agentrun.TEMPLATE_ARGS + ["-o", "15002"]
+        res = agentrun.setup(pod, bpffs, args + ["--run-validation", "--probe-timeout", "1s"])
+        assert res.returncode == 126, (res.returncode, res.stdout, res.stderr)
+        assert "validation failed" in res.stderr
+
+
+@pytest.mark.kernel
+def test_accelerate_falls_back_and_says_so_when_splice_stalls():
+    """On this machine's kernel, splice(2) does not see sk_msg-redirected data: the self-test catches it."""
+    with bpffs_mount() as bpffs, Pod("acc") as pod:
+        res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + ["--accelerate"])
+        assert res.returncode == 0, res.stderr
+        out = res.stdout + res.stderr
+        if "acceleration on" in out:          # a kernel without the splice problem
+            assert "received with splice(2)" in out
+        else:
+            assert "acceleration self-test failed" in out and "running without acceleration" in out, out
+            assert "splice(2) stalled" in out, out
+
+
+@pytest.mark.kernel
+def test_accelerate_with_splice_check_waived_turns_on():
+    with bpffs_mount() as bpffs, Pod("acc2") as pod:
+        res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + ["--accelerate"],
+                             {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1"})
+        assert res.returncode == 0, res.stderr
+        assert "acceleration on" in res.stdout and "NOT checked" in res.stdout, res.stdout + res.stderr
+
+
+def test_kernel_gate():
+    assert accel.kernel_gate("6.18.44")[0]
+    assert accel.kernel_gate("5.10.0-26-amd64")[0]
+    ok, why = accel.kernel_gate("5.4.0")
+    assert not ok and "older" in why
+    assert not accel.kernel_gate("weird")[0]
+
+
+def test_tproxy_and_virt_with_include_are_refused_with_a_reason():
+    assert any("TPROXY" in r and "conntrack" in r for r in parse(["-m", "TPROXY", "-b", "*"], {}).unsupported)
+    assert parse(["-k", "eth1", "-b", "*"], {}).unsupported == ()
+    assert any("-k with -i" in r for r in parse(["-k", "eth1", "-i", "*"], {}).unsupported)

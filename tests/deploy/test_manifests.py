@@ -1,0 +1,393 @@
+"""Manifests: kustomize overlays build (Debian's kubectl), agree with `bpfinit-webhook manifests`, validate
+against the Kubernetes schemas (kubernetes-validate), and meet R10-R12 of admission-webhook-practices §5.
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from webhook import render
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+K8S_VERSIONS = ("1.29", "1.30", "1.33")   # oldest we support (native sidecars beta) .. recent
+
+# overlay directory -> the render options it must be equal to
+OVERLAYS = {
+    "overlays/builtin-certs": render.RenderOptions(certs="builtin"),
+    "overlays/cert-manager": render.RenderOptions(certs="cert-manager"),
+    "overlays/warn-first": render.RenderOptions(certs="builtin", rollout="warn-first"),
+}
+BUILDS = {"base": render.RenderOptions(certs="none"), **OVERLAYS}
+
+# Istio's configuration names (istio-capture-contract §2.4): the largest names a DNS-1123 subdomain allows.
+ISTIO_CONFIG_NAMES = ["istio-sidecar-injector", "istio-sidecar-injector-canary", "istio-sidecar-injector-1-24-0",
+                      "istio-revision-tag-default", "istio-revision-tag-" + "z" * 44,
+                      "istio-sidecar-injector-" + "z" * 40 + ".z"]
+
+
+def _crd_docs():
+    return render.load_yaml_docs(render.BASE_DIR / render.POLICY_CRD_FILE)
+
+
+def _sample_docs():
+    return render.load_yaml_docs(render.BASE_DIR / render.SAMPLE_POLICY_FILE)
+
+
+def _key(obj):
+    meta = obj["metadata"]
+    return obj["kind"], meta.get("namespace", ""), meta["name"]
+
+
+def _by_key(objs):
+    out = {}
+    for obj in objs:
+        assert _key(obj) not in out, f"duplicate object {_key(obj)}"
+        out[_key(obj)] = obj
+    return out
+
+
+_BUILT: dict[str, list[dict]] = {}
+
+
+def kustomize(overlay: str) -> list[dict]:
+    if overlay not in _BUILT:
+        proc = subprocess.run(["kubectl", "kustomize", str(MANIFESTS / overlay)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, f"kubectl kustomize {overlay} failed: {proc.stderr}"
+        _BUILT[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return copy.deepcopy(_BUILT[overlay])
+
+
+def rendered(opts: render.RenderOptions) -> list[dict]:
+    return render.render(opts, _crd_docs(), _sample_docs())
+
+
+def _all_sets():
+    """(label, objects) for every overlay build and a few non-default renders."""
+    sets = [(f"kustomize {o}", kustomize(o)) for o in BUILDS]
+    sets.append(("render ns=mesh-admission", rendered(render.RenderOptions(namespace="mesh-admission",
+                                                                            extra_excluded_namespaces=("istio-system",)))))
+    sets.append(("render cert-manager replicas=1", rendered(render.RenderOptions(certs="cert-manager", replicas=1))))
+    return sets
+
+
+def _only(objs, kind):
+    found = [o for o in objs if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+# ---- the generated files are what render.py says -------------------------------------------------
+
+def test_generated_files_are_current():
+    for rel, docs in render.kustomize_generated_files(_crd_docs()).items():
+        on_disk = [d for d in yaml.safe_load_all((MANIFESTS / rel).read_text()) if d]
+        assert on_disk == docs, (f"manifests/{rel} is stale: run "
+                                 f"`.venv/bin/bpfinit-webhook manifests --write-kustomize manifests`")
+
+
+@pytest.mark.parametrize("overlay", list(BUILDS))
+def test_kustomize_overlay_equals_render(overlay):
+    built = _by_key(kustomize(overlay))
+    expected = _by_key(rendered(BUILDS[overlay]))
+    assert set(built) == set(expected)
+    for key in expected:
+        assert built[key] == expected[key], f"{overlay}: {key} differs from render()"
+
+
+# ---- schemas -----------------------------------------------------------------------------------
+
+def _crd_schema(crds, obj):
+    group, version = obj["apiVersion"].split("/")
+    for crd in crds:
+        spec = crd["spec"]
+        if spec["group"] == group and spec["names"]["kind"] == obj["kind"]:
+            for ver in spec["versions"]:
+                if ver["name"] == version:
+                    return ver["schema"]["openAPIV3Schema"]
+    return None
+
+
+def test_every_object_validates_against_its_schema():
+    """Built-in kinds: the Kubernetes JSON schemas (strict: no unknown fields). Our CRD kinds: the CRD's own
+    openAPIV3Schema. cert-manager kinds have no schema here: their structure is asserted in the next test."""
+    checked = {"k8s": 0, "crd": 0, "structure": 0}
+    for label, objs in _all_sets():
+        crds = [o for o in objs if o["kind"] == "CustomResourceDefinition"]
+        for obj in objs:
+            group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
+            if group == "cert-manager.io":
+                checked["structure"] += 1
+                continue
+            schema = _crd_schema(crds, obj) if group == render.POLICY_GROUP else None
+            if group == render.POLICY_GROUP:
+                assert schema is not None, f"{label}: no CRD in the set serves {obj['apiVersion']} {obj['kind']}"
+                jsonschema.validate(obj, schema)
+                checked["crd"] += 1
+                continue
+            for version in K8S_VERSIONS:
+                try:
+                    kubernetes_validate.validate(obj, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    pytest.fail(f"{label}: {_key(obj)} invalid for Kubernetes {version}: {exc}")
+            checked["k8s"] += 1
+    assert checked["k8s"] > 50 and checked["crd"] >= 1 and checked["structure"] >= 4
+
+
+def test_cert_manager_objects_are_wired_together():
+    objs = kustomize("overlays/cert-manager")
+    by = _by_key(objs)
+    ns = render.DEFAULT_NAMESPACE
+    issuers = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Issuer"}
+    certs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Certificate"}
+    assert all(o["apiVersion"] == "cert-manager.io/v1" for o in [*issuers.values(), *certs.values()])
+    serving = certs[render.WEBHOOK_NAME]["spec"]
+    assert f"{render.WEBHOOK_NAME}.{ns}.svc" in serving["dnsNames"]
+    assert serving["secretName"] == render.TLS_SECRET
+    assert serving["issuerRef"]["name"] in issuers and serving["issuerRef"]["kind"] == "Issuer"
+    ca_issuer = issuers[serving["issuerRef"]["name"]]["spec"]["ca"]["secretName"]
+    ca_cert = [c["spec"] for c in certs.values() if c["spec"]["secretName"] == ca_issuer][0]
+    assert ca_cert["isCA"] is True and "selfSigned" in issuers[ca_cert["issuerRef"]["name"]]["spec"]
+    deploy = by[("Deployment", ns, render.WEBHOOK_NAME)]["spec"]["template"]["spec"]
+    tls_vol = [v for v in deploy["volumes"] if v["name"] == "tls"][0]
+    assert tls_vol == {"name": "tls", "secret": {"secretName": render.TLS_SECRET, "defaultMode": 0o440}}
+    assert "initContainers" not in deploy and [c["name"] for c in deploy["containers"]] == ["webhook"]
+    for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        cfg = _only(objs, kind)
+        assert cfg["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{ns}/{render.WEBHOOK_NAME}"
+        for hook in cfg["webhooks"]:
+            assert "caBundle" not in hook["clientConfig"]
+    # least privilege: with cert-manager the webhook may not touch Secrets or webhook configurations
+    rules = [r for o in objs if o["kind"] in ("Role", "ClusterRole") for r in o["rules"]]
+    assert all(set(r["resources"]).isdisjoint({"secrets", "mutatingwebhookconfigurations",
+                                                "validatingwebhookconfigurations"}) for r in rules)
+
+
+# ---- R10: webhook configuration lint -------------------------------------------------------------
+
+def _selector_matches(selector: dict, labels: dict) -> bool:
+    """metav1.LabelSelector semantics (matchLabels AND every matchExpression)."""
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _ns(name, **labels):
+    return {"kubernetes.io/metadata.name": name, **{k.replace("__", "/").replace("_", "-"): v
+                                                    for k, v in labels.items()}}
+
+
+@pytest.mark.parametrize("label,objs", _all_sets(), ids=[s[0] for s in _all_sets()])
+def test_r10_webhook_configurations(label, objs):
+    mut = _only(objs, "MutatingWebhookConfiguration")
+    val = _only(objs, "ValidatingWebhookConfiguration")
+    ns = _only(objs, "Namespace")["metadata"]["name"]
+    # sorts after every Istio injector / revision-tag configuration; nothing istiod's patcher would touch
+    assert all(mut["metadata"]["name"] > name for name in ISTIO_CONFIG_NAMES)
+    assert "istio.io/rev" not in (mut["metadata"].get("labels") or {})
+    for cfg in (mut, val):
+        for hook in cfg["webhooks"]:
+            assert not hook["name"].endswith("sidecar-injector.istio.io")
+            assert hook["sideEffects"] == "None"                 # R11: dry-run requests reach us
+            assert hook["admissionReviewVersions"] == ["v1"]
+            assert hook["clientConfig"]["service"]["namespace"] == ns
+            assert hook["clientConfig"]["service"]["port"] == 443
+            excl = [e for e in hook["namespaceSelector"]["matchExpressions"]
+                    if e["key"] == "kubernetes.io/metadata.name"]
+            assert len(excl) == 1 and excl[0]["operator"] == "NotIn"
+            assert {"kube-system", ns} <= set(excl[0]["values"])
+    for hook in mut["webhooks"]:
+        assert hook["failurePolicy"] == "Ignore" and hook["reinvocationPolicy"] == "IfNeeded"
+        assert hook["timeoutSeconds"] <= 5
+        assert hook["clientConfig"]["service"]["path"] == render.MUTATE_PATH
+        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                                  "resources": ["pods"], "scope": "Namespaced"}]
+    for hook in val["webhooks"]:
+        assert hook["failurePolicy"] == ("Ignore" if "warn-first" in label else "Fail")
+        assert hook["timeoutSeconds"] <= 10
+        assert "objectSelector" not in hook
+        assert hook["clientConfig"]["service"]["path"] == render.VALIDATE_PATH
+        covered = {(g, r) for rule in hook["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+        assert {("", "pods"), ("apps", "deployments"), ("apps", "statefulsets"), ("apps", "daemonsets"),
+                ("apps", "replicasets"), ("batch", "jobs"), ("batch", "cronjobs")} <= covered
+        assert all(set(rule["operations"]) == {"CREATE", "UPDATE"} for rule in hook["rules"])
+
+
+def test_mutator_namespace_selection_follows_istio_injection():
+    """Opt-in label AND Istio injection enabled; the two webhooks are disjoint (each pod is sent once)."""
+    mut = _only(kustomize("overlays/builtin-certs"), "MutatingWebhookConfiguration")
+    on = {"bpfinit.io/enabled": "true"}
+    cases = [
+        ({"istio-injection": "enabled", **on}, 1),
+        ({"istio.io/rev": "canary", **on}, 1),
+        ({"istio.io/rev": "default", "istio-injection": "enabled", **on}, 1),   # istio-injection wins
+        ({"istio.io/rev": "canary", "istio-injection": "disabled", **on}, 0),   # Istio does not inject
+        ({"istio-injection": "enabled"}, 0),                                     # not opted in
+        ({"istio-injection": "enabled", "bpfinit.io/enabled": "false"}, 0),
+        (on, 0),                                                                 # no Istio injection
+    ]
+    for labels, expected in cases:
+        for name in ("shop", "kube-system", render.DEFAULT_NAMESPACE):
+            hits = [h["name"] for h in mut["webhooks"]
+                    if _selector_matches(h["namespaceSelector"], {"kubernetes.io/metadata.name": name, **labels})]
+            want = expected if name == "shop" else 0
+            assert len(hits) == want, f"namespace {name} labels {labels}: {hits}"
+    val = _only(kustomize("overlays/builtin-certs"), "ValidatingWebhookConfiguration")
+    sel = val["webhooks"][0]["namespaceSelector"]
+    assert _selector_matches(sel, {"kubernetes.io/metadata.name": "shop"})   # every namespace, opted in or not
+    assert not _selector_matches(sel, {"kubernetes.io/metadata.name": "kube-system"})
+
+
+def test_cert_manager_namespace_is_never_gated_by_our_fail_closed_validator():
+    for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        for hook in _only(kustomize("overlays/cert-manager"), kind)["webhooks"]:
+            assert not _selector_matches(hook["namespaceSelector"], {"kubernetes.io/metadata.name": "cert-manager",
+                                                                     "bpfinit.io/enabled": "true",
+                                                                     "istio-injection": "enabled"})
+
+
+# ---- R12: availability; restricted security ------------------------------------------------------
+
+@pytest.mark.parametrize("label,objs", _all_sets(), ids=[s[0] for s in _all_sets()])
+def test_r12_availability_and_probes(label, objs):
+    deploy = [o for o in objs if o["kind"] == "Deployment"][0]
+    spec = deploy["spec"]
+    pod = spec["template"]["spec"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert _selector_matches(spec["selector"], pod_labels)
+    pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    if spec["replicas"] > 1:
+        assert spec["replicas"] >= 3
+        assert len(pdbs) == 1 and pdbs[0]["spec"]["minAvailable"] == 1
+        assert _selector_matches(pdbs[0]["spec"]["selector"], pod_labels)
+    else:
+        assert pdbs == [], "a PDB on one replica blocks node drains"
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert anti["topologyKey"] == "kubernetes.io/hostname" and _selector_matches(anti["labelSelector"], pod_labels)
+    assert _selector_matches(pod["topologySpreadConstraints"][0]["labelSelector"], pod_labels)
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    web = [c for c in pod["containers"] if c["name"] == "webhook"][0]
+    ports = {p["name"]: p["containerPort"] for p in web["ports"]}
+    assert web["readinessProbe"]["httpGet"] == {"scheme": "HTTPS", "port": "https", "path": "/readyz"}
+    assert web["livenessProbe"]["httpGet"] == {"scheme": "HTTPS", "port": "https", "path": "/healthz"}
+    assert ports["https"] == render.HTTPS_PORT
+    svc = _only(objs, "Service")
+    assert svc["spec"]["ports"] == [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}]
+    assert _selector_matches({"matchLabels": svc["spec"]["selector"]}, pod_labels)
+    assert web["resources"]["requests"]["cpu"] and web["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("label,objs", _all_sets(), ids=[s[0] for s in _all_sets()])
+def test_webhook_pods_meet_pod_security_restricted(label, objs):
+    deploy = [o for o in objs if o["kind"] == "Deployment"][0]["spec"]["template"]["spec"]
+    assert deploy["securityContext"]["runAsNonRoot"] is True
+    assert deploy["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not deploy.get("hostNetwork") and not deploy.get("hostPID")
+    for c in [*deploy.get("initContainers", []), *deploy["containers"]]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0, c["name"]
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+        assert c["resources"]["limits"]["memory"], c["name"]
+    assert all("hostPath" not in v for v in deploy["volumes"])
+    ns = _only(objs, "Namespace")["metadata"]["labels"]
+    assert ns["pod-security.kubernetes.io/enforce"] == "restricted" and ns["istio-injection"] == "disabled"
+
+
+def test_exporter_daemonset_has_only_bpf_capabilities():
+    objs = kustomize("overlays/builtin-certs")
+    ds = _only(objs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["bpfinit-agent", "exporter"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON"]}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and not c["securityContext"].get("privileged")
+    assert pod["automountServiceAccountToken"] is False and not pod.get("hostNetwork") and not pod.get("hostPID")
+    assert [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v] == ["/sys/fs/bpf"]
+
+
+# ---- RBAC: least privilege -----------------------------------------------------------------------
+
+def test_rbac_is_least_privilege():
+    objs = kustomize("overlays/builtin-certs")
+    ns = render.DEFAULT_NAMESPACE
+    rules = {(o["kind"], o["metadata"]["name"]): o["rules"] for o in objs if o["kind"] in ("Role", "ClusterRole")}
+    for (_, name), rs in rules.items():
+        for r in rs:
+            assert "*" not in r["verbs"] and "*" not in r["resources"] and "*" not in r["apiGroups"], name
+            assert not set(r["verbs"]) & {"delete", "deletecollection", "escalate", "bind", "impersonate"}, name
+    flat = [(k, r) for k, rs in rules.items() for r in rs]
+    # caBundle: only our two configurations, by name, get + patch
+    for res, name in (("mutatingwebhookconfigurations", render.MUTATOR_CONFIG),
+                      ("validatingwebhookconfigurations", render.VALIDATOR_CONFIG)):
+        (hit,) = [r for _, r in flat if res in r["resources"]]
+        assert hit["resourceNames"] == [name] and sorted(hit["verbs"]) == ["get", "patch"]
+    # Secrets: only in our namespace (a Role), get/update pinned to the one Secret; create cannot be pinned
+    secret_rules = [(k, r) for k, r in flat if "secrets" in r["resources"]]
+    assert all(k[0] == "Role" for k, _ in secret_rules)
+    assert {tuple(sorted(r["verbs"])): r.get("resourceNames") for _, r in secret_rules} == {
+        ("create",): None, ("get", "update"): [render.TLS_SECRET]}
+    role = [o for o in objs if o["kind"] == "Role"][0]
+    assert role["metadata"]["namespace"] == ns
+    # policy CRDs: read-only
+    policy = [r for _, r in flat if render.POLICY_GROUP in r["apiGroups"]]
+    assert policy and all(sorted(r["verbs"]) == ["get", "list", "watch"] for r in policy)
+    # every binding's subject is our ServiceAccount in our namespace
+    for o in objs:
+        if o["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            assert o["subjects"] == [{"kind": "ServiceAccount", "name": render.WEBHOOK_NAME, "namespace": ns}]
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------
+
+def test_cli_renders_chosen_namespace_and_image(tmp_path):
+    out = tmp_path / "all.yaml"
+    proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", "--namespace=mesh-admission",
+                           "--image=registry.example/bpfinit:1.2.3", "--certs=cert-manager", f"-o={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    objs = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    for o in objs:
+        if o["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                             "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration") \
+                and o["apiVersion"].split("/")[0] != render.POLICY_GROUP:
+            assert o["metadata"]["namespace"] == "mesh-admission", _key(o)
+    images = {c["image"] for o in objs if o["kind"] in ("Deployment", "DaemonSet")
+              for c in o["spec"]["template"]["spec"]["containers"]}
+    assert images == {"registry.example/bpfinit:1.2.3"}
+    cert = [o for o in objs if o["kind"] == "Certificate" and o["metadata"]["name"] == render.WEBHOOK_NAME][0]
+    assert "bpfinit-webhook.mesh-admission.svc" in cert["spec"]["dnsNames"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--namespace=Bad_NS"], "not a valid namespace name"),
+    (["--replicas=0"], "between 1 and 50"),
+    (["--image=bad image"], "not an image reference"),
+    (["--exclude-namespace=-x"], "not a valid namespace name"),
+])
+def test_cli_rejects_bad_options_without_a_traceback(args, needle):
+    proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""

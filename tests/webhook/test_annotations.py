@@ -1,0 +1,80 @@
+"""Istio-compatible validation of capture annotations (pure)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.webhook.istio_pods import injected_files, pods_in_file
+from webhook.annotations import validate_annotations
+
+GOOD = [
+    ("traffic.sidecar.istio.io/includeOutboundIPRanges", "*"),
+    ("traffic.sidecar.istio.io/includeOutboundIPRanges", ""),
+    ("traffic.sidecar.istio.io/includeOutboundIPRanges", "127.0.0.1/24,10.96.0.1/24"),   # host bits allowed
+    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.0.0.0/8,fd00::/8,::ffff:1.2.3.4/128"),
+    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", ""),
+    ("traffic.sidecar.istio.io/includeInboundPorts", "*"),
+    ("traffic.sidecar.istio.io/includeInboundPorts", "0,80,65535"),
+    ("traffic.sidecar.istio.io/excludeOutboundPorts", ""),
+    ("traffic.sidecar.istio.io/excludeInterfaces", "eth1,net0ps2"),
+    ("istio.io/reroute-virtual-interfaces", "net1"),
+    ("status.sidecar.istio.io/port", "0"),
+    ("sidecar.istio.io/interceptionMode", "NONE"),
+    ("proxy.istio.io/config", "discoveryAddress: foo:123\nproxyMetadata:\n  FOO: bar\n"),
+    ("proxy.istio.io/config", '{"interceptionMode": "REDIRECT"}'),
+    ("bpfinit.io/inject", "false"),
+    ("bpfinit.io/accelerate", "true"),
+    ("bpfinit.io/dns-capture", "false"),
+    ("bpfinit.io/status", '{"version":1}'),
+    ("unrelated/annotation", "anything at all"),
+]
+BAD = [
+    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.0.0.0/8, 172.16.0.0/12", "not a CIDR"),  # no trimming
+    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "*", "not a CIDR"),          # * only for include
+    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.0.0.1", "not a CIDR"),   # bare IP
+    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.0.0.0/33", "not a CIDR"),
+    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.0.0.0/255.0.0.0", "prefix length"),
+    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.0.0.0/8,,", "not a CIDR"),
+    ("traffic.sidecar.istio.io/includeOutboundIPRanges", "*,10.0.0.0/8", "not a CIDR"),
+    ("traffic.sidecar.istio.io/includeInboundPorts", "65536", "out of range"),
+    ("traffic.sidecar.istio.io/excludeInboundPorts", "80, 443", "not a number"),
+    ("traffic.sidecar.istio.io/excludeOutboundPorts", "-1", "not a number"),
+    ("traffic.sidecar.istio.io/includeOutboundPorts", "http", "not a number"),
+    ("traffic.sidecar.istio.io/excludeInterfaces", "a-very-long-interface-name", "longer than 15"),
+    ("traffic.sidecar.istio.io/kubevirtInterfaces", "net1,", "empty interface name"),
+    ("istio.io/reroute-virtual-interfaces", "net/1", "not a valid interface name"),
+    ("status.sidecar.istio.io/port", "", "not a number"),
+    ("sidecar.istio.io/interceptionMode", "redirect", "must be one of"),
+    ("proxy.istio.io/config", "interceptionMode: SIDEWAYS", "interceptionMode"),
+    ("proxy.istio.io/config", "[1, 2]", "mapping"),
+    ("proxy.istio.io/config", "a: [", "not valid YAML"),
+    ("bpfinit.io/inject", "False", 'must be "true" or "false"'),
+    ("bpfinit.io/dns-capture", "1", 'must be "true" or "false"'),
+    ("bpfinit.io/status", "not json", "JSON record"),
+]
+
+
+@pytest.mark.parametrize("key,value", GOOD)
+def test_valid_values_pass(key, value):
+    assert validate_annotations({key: value}) == []
+
+
+@pytest.mark.parametrize("key,value,reason", BAD)
+def test_invalid_values_name_annotation_value_and_reason(key, value, reason):
+    problems = validate_annotations({key: value})
+    assert len(problems) == 1
+    assert key in problems[0] and repr(value) in problems[0] and reason in problems[0]
+
+
+def test_non_string_value_is_reported():
+    assert "must be a string" in validate_annotations({"bpfinit.io/inject": 5})[0]
+
+
+def test_every_problem_is_reported_at_once():
+    problems = validate_annotations({"bpfinit.io/inject": "no", "traffic.sidecar.istio.io/excludeOutboundPorts": "x"})
+    assert len(problems) == 2
+
+
+def test_istio_golden_annotations_are_all_valid():
+    for path in injected_files():
+        for pod in pods_in_file(path):
+            assert validate_annotations(pod["metadata"].get("annotations")) == [], path.name

@@ -1,0 +1,207 @@
+"""The pure mutation on plain dicts, on Istio's real pods (no server needed)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonpatch
+import jsonpointer
+import pytest
+
+from tests.webhook.istio_pods import (INJECTED, INPUTS, injected_files, injected_outputs_of, input_files,
+                                      pods_in_file)
+from webhook.mutate import AGENT_COMMAND, MutationSettings, mutate, pointer
+
+SETTINGS = MutationSettings(agent_image="registry.test/agent:1")
+
+
+def hello() -> dict:
+    return pods_in_file(INJECTED / "hello.yaml.injected")[0]
+
+
+def apply(pod: dict, result) -> dict:
+    return jsonpatch.apply_patch(pod, result.patch)
+
+
+def agent_of(pod: dict) -> dict:
+    return next(c for c in pod["spec"]["initContainers"] if c["name"] == "istio-init")
+
+
+def test_pointer_escapes_rfc6901():
+    assert pointer("metadata", "annotations", "a~b/c") == "/metadata/annotations/a~0b~1c"
+    doc = {"metadata": {"annotations": {"a~b/c": "x", "a": {"b": "wrong"}}}}
+    assert jsonpointer.resolve_pointer(doc, pointer("metadata", "annotations", "a~b/c")) == "x"
+    # `~1` must not be mistaken for an escaped slash: `~` is escaped first.
+    assert jsonpointer.resolve_pointer({"~1": 5}, pointer("~1")) == 5
+
+
+@pytest.mark.parametrize("path", input_files(), ids=lambda p: p.name)
+def test_we_run_before_istio_then_after(path):
+    """Order 1: we see the un-injected input (no-op, silent); Istio then injects; on reinvocation we swap."""
+    for pod in pods_in_file(path):
+        first = mutate(pod, SETTINGS)
+        if pod["spec"].get("initContainers") and any(c["name"] == "istio-init" for c in pod["spec"]["initContainers"]):
+            assert first.outcome == "user-override"   # the user wrote their own istio-init (proxy-override.yaml)
+        else:
+            assert (first.outcome, first.patch, first.warnings) == ("no-istio-init", [], [])
+    outputs = injected_outputs_of(path.name)
+    assert outputs, f"no golden output made from {path.name}"
+    for injected in outputs:
+        for pod in pods_in_file(injected):
+            result = mutate(pod, SETTINGS)
+            if result.outcome == "swapped":
+                second = mutate(apply(pod, result), SETTINGS)
+                assert (second.outcome, second.patch, second.warnings) == ("already-swapped", [], [])
+
+
+def test_istio_after_us_again_is_swapped_again():
+    """Order 2: Istio re-injects (reinvocation IfNeeded on Istio): stripPod removes our container by name and
+    re-renders istio-init; the next pass swaps it again instead of trusting the stale status annotation."""
+    pod = hello()
+    swapped = apply(pod, mutate(pod, SETTINGS))
+    reinjected = copy.deepcopy(swapped)
+    index = next(i for i, c in enumerate(reinjected["spec"]["initContainers"]) if c["name"] == "istio-init")
+    reinjected["spec"]["initContainers"][index] = copy.deepcopy(agent_of(pod))
+    result = mutate(reinjected, SETTINGS)
+    assert result.outcome == "swapped"
+    final = apply(reinjected, result)
+    assert agent_of(final)["command"] == AGENT_COMMAND
+    names = [v["name"] for v in final["spec"]["volumes"]]
+    assert len(names) == len(set(names)), "our volumes must not be added twice"
+
+
+def test_unknown_fields_are_preserved():
+    pod = hello()
+    pod["spec"]["madeUpPodField"] = {"keep": [1, 2]}
+    pod["metadata"]["annotations"]["weird~key/with/slashes"] = "v"
+    init = agent_of(pod)
+    init["restartPolicy"] = "Never"
+    init["resizePolicy"] = [{"resourceName": "cpu", "restartPolicy": "NotRequired"}]
+    init["madeUpContainerField"] = "x"
+    init["securityContext"]["seccompProfile"] = {"type": "RuntimeDefault"}
+    init["securityContext"]["madeUpSecurityField"] = True
+    result = mutate(pod, SETTINGS)
+    assert all(op["op"] in ("add", "replace") for op in result.patch)
+    after = apply(pod, result)
+    agent = agent_of(after)
+    assert agent["restartPolicy"] == "Never" and agent["madeUpContainerField"] == "x"
+    assert agent["resizePolicy"] == init["resizePolicy"]
+    assert agent["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # Widening fields of the old securityContext are not carried; the agent's own context is explicit.
+    assert "madeUpSecurityField" not in agent["securityContext"]
+    assert after["spec"]["madeUpPodField"] == {"keep": [1, 2]}
+    assert after["metadata"]["annotations"]["weird~key/with/slashes"] == "v"
+    # Native sidecar istio-proxy (restartPolicy Always) untouched.
+    proxy = next(c for c in after["spec"]["initContainers"] if c["name"] == "istio-proxy")
+    assert proxy["restartPolicy"] == "Always"
+
+
+def test_missing_parents_are_created():
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "spec": {"containers": [{"name": "app", "image": "app"}],
+                    "initContainers": [{"name": "istio-init", "image": "proxyv2",
+                                        "args": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337",
+                                                 "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]}]}}
+    result = mutate(pod, SETTINGS)
+    assert result.outcome == "swapped"
+    after = apply(pod, result)   # no metadata, no annotations, no volumes, no env, no securityContext before
+    assert json.loads(after["metadata"]["annotations"]["bpfinit.io/status"])["container"] == "istio-init"
+    assert {v["name"] for v in after["spec"]["volumes"]} >= {"bpfinit-bpffs", "bpfinit-cgroup"}
+    assert agent_of(after)["env"][0]["name"] == "POD_UID"
+    # metadata present but no annotations
+    pod["metadata"] = {"generateName": "web-"}
+    after = apply(pod, mutate(pod, SETTINGS))
+    assert set(after["metadata"]["annotations"]) == {"bpfinit.io/status"}
+    assert after["metadata"]["generateName"] == "web-"
+
+
+def test_no_init_containers_at_all_is_a_silent_noop():
+    for pod in ({"spec": {"containers": [{"name": "a"}]}}, {"metadata": None, "spec": None}, {}):
+        assert mutate(pod, SETTINGS).outcome == "no-istio-init"
+
+
+def test_host_network_and_mirror_pods_are_left_alone_silently():
+    pod = hello()
+    pod["spec"]["hostNetwork"] = True
+    assert (mutate(pod, SETTINGS).outcome, mutate(pod, SETTINGS).warnings) == ("host-network", [])
+    pod = hello()
+    pod["metadata"]["annotations"]["kubernetes.io/config.mirror"] = "abc"
+    assert mutate(pod, SETTINGS).outcome == "mirror-pod"
+
+
+def test_opt_out_keeps_istio_init_with_warning():
+    pod = hello()
+    pod["metadata"]["annotations"]["bpfinit.io/inject"] = "false"
+    result = mutate(pod, SETTINGS)
+    assert result.outcome == "opted-out" and result.patch == []
+    assert "bpfinit.io/inject" in result.warnings[0]
+
+
+def test_bpfinit_annotations_become_agent_flags():
+    pod = hello()
+    pod["metadata"]["annotations"].update({"bpfinit.io/accelerate": "true", "bpfinit.io/dns-capture": "false"})
+    agent = agent_of(apply(pod, mutate(pod, SETTINGS)))
+    assert agent["args"][-2:] == ["--accelerate", "--redirect-dns=false"]
+    pod["metadata"]["annotations"]["bpfinit.io/accelerate"] = "false"
+    # proxyMetadata may set BPFINIT_ACCELERATE=true in the env: an explicit false flag wins.
+    agent_of(pod).setdefault("env", []).append({"name": "BPFINIT_ACCELERATE", "value": "true"})
+    after = apply(pod, mutate(pod, SETTINGS))
+    assert "--accelerate=false" in agent_of(after)["args"]
+    assert json.loads(after["metadata"]["annotations"]["bpfinit.io/status"])["accelerate"] is False
+
+
+def test_egress_allow_list_becomes_agent_flag():
+    pod = hello()
+    after = apply(pod, mutate(pod, SETTINGS, egress_allow=["10.0.0.0/8", "[fd00::/8]:443"]))
+    assert agent_of(after)["args"][-2:] == ["--egress-allow", "10.0.0.0/8,[fd00::/8]:443"]
+    empty = apply(pod, mutate(pod, SETTINGS, egress_allow=[]))
+    assert agent_of(empty)["args"][-2:] == ["--egress-allow", ""]  # present and empty: guard on, nothing allowed
+    assert json.loads(empty["metadata"]["annotations"]["bpfinit.io/status"])["egressGuard"] is True
+    none = apply(pod, mutate(pod, SETTINGS))
+    assert "--egress-allow" not in agent_of(none)["args"]
+
+
+def test_bad_egress_allow_value_leaves_pod_with_warning_not_broken_agent():
+    pod = hello()
+    result = mutate(pod, SETTINGS, egress_allow=["not-a-cidr"])
+    assert result.outcome == "unsupported-flags" and result.patch == []
+    assert "egress-allow" in result.warnings[0]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.0.0.0/8, 172.16.0.0/12"),
+    ("traffic.sidecar.istio.io/includeInboundPorts", "80,99999"),
+    ("sidecar.istio.io/interceptionMode", "REDIRECTX"),
+    ("bpfinit.io/accelerate", "yes"),
+])
+def test_bad_annotation_values_deny_naming_annotation_and_value(key, value):
+    pod = hello()
+    pod["metadata"]["annotations"][key] = value
+    result = mutate(pod, SETTINGS)
+    assert result.outcome == "invalid-annotations" and result.patch == []
+    assert key in result.denial and repr(value) in result.denial
+
+
+def test_env_from_proxy_metadata_is_carried_over():
+    pod = pods_in_file(INJECTED / "traffic-annotations.yaml.injected")[0]
+    istio_env = copy.deepcopy(agent_of(pod)["env"])
+    assert {"name": "FOO", "value": "bar"} in istio_env
+    agent = agent_of(apply(pod, mutate(pod, SETTINGS)))
+    assert agent["env"][: len(istio_env)] == istio_env
+    assert agent["args"] == agent_of(pod)["args"][1:]
+
+
+def test_mutate_does_not_modify_its_input():
+    for path in injected_files()[:10]:
+        for pod in pods_in_file(path):
+            before = copy.deepcopy(pod)
+            mutate(pod, SETTINGS, egress_allow=["10.0.0.0/8"])
+            assert pod == before
+
+
+def test_non_native_sidecar_slot_is_kept():
+    pod = pods_in_file(INJECTED / "hello-old-version.yaml.injected")[0]
+    names_before = [c["name"] for c in pod["spec"]["initContainers"]]
+    after = apply(pod, mutate(pod, SETTINGS))
+    assert [c["name"] for c in after["spec"]["initContainers"]] == names_before
+    assert INPUTS.exists()

@@ -1,0 +1,271 @@
+"""The mutation: swap Istio's iptables `istio-init` for the bpfinit agent (pure, plain dicts).
+
+`mutate(pod, settings, egress_allow=None) -> MutationResult` never changes `pod`.
+It returns explicit RFC 6902 add/replace operations (RFC 6901-escaped paths,
+missing parents created), warnings for the apiserver, an optional denial and an
+`outcome` word for metrics. Everything the pod carries that we do not own is left
+exactly as it was, including fields this code has never heard of.
+
+Decisions (docs/webhook.md explains them to users):
+- the agent takes istio-init's slot and KEEPS the name `istio-init`: istio-cni
+  skips pods with a container of that name, and `sidecar.istio.io/status`
+  (which lists `istio-init`) stays true;
+- the swapped container is recognised by its command `[bpfinit-agent, setup]`,
+  so a second pass (reinvocation) yields no patch;
+- istio-init's args (without the leading `istio-iptables` word) and env are
+  carried over, so the agent sees exactly the capture settings Istio rendered.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import jsonpatch
+
+from initagent import flags as agent_flags
+from webhook import annotations as ann
+
+ISTIO_INIT = "istio-init"
+ISTIO_VALIDATION = "istio-validation"
+ISTIO_IPTABLES = "istio-iptables"
+AGENT_COMMAND = ["bpfinit-agent", "setup"]
+MIRROR_POD_ANNOTATION = "kubernetes.io/config.mirror"
+STATUS_VERSION = 1
+
+PODINFO_DIR = "/etc/bpfinit/podinfo"
+LABELS_FILE = PODINFO_DIR + "/labels"
+
+# Host paths the agent needs: bpffs for pins, cgroup v2 to attach programs to the
+# pod cgroup, kernel headers so bcc can compile on a node's first pod.
+AGENT_VOLUMES: list[dict[str, Any]] = [
+    {"name": "bpfinit-bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}},
+    {"name": "bpfinit-cgroup", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}},
+    # No `type`: a node without headers still starts the agent, which then
+    # reports the precise reason (only needed when nothing is compiled yet).
+    {"name": "bpfinit-lib-modules", "hostPath": {"path": "/lib/modules"}},
+    {"name": "bpfinit-usr-src", "hostPath": {"path": "/usr/src"}},
+    {"name": "bpfinit-podinfo", "downwardAPI": {"items": [
+        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+]
+AGENT_VOLUME_MOUNTS: list[dict[str, Any]] = [
+    {"name": "bpfinit-bpffs", "mountPath": "/sys/fs/bpf"},
+    {"name": "bpfinit-cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": True},
+    {"name": "bpfinit-lib-modules", "mountPath": "/lib/modules", "readOnly": True},
+    {"name": "bpfinit-usr-src", "mountPath": "/usr/src", "readOnly": True},
+    {"name": "bpfinit-podinfo", "mountPath": PODINFO_DIR, "readOnly": True},
+]
+AGENT_ENV: list[dict[str, Any]] = [
+    {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    {"name": "BPFINIT_POD_LABELS_FILE", "value": LABELS_FILE},
+]
+AGENT_ENV_NAMES = frozenset(e["name"] for e in AGENT_ENV)
+# Security-context fields kept from istio-init: they restrict, never widen.
+KEPT_SECURITY_FIELDS = ("seccompProfile", "seLinuxOptions", "appArmorProfile", "procMount")
+
+
+@dataclass(frozen=True)
+class MutationSettings:
+    agent_image: str
+
+
+@dataclass(frozen=True)
+class MutationResult:
+    outcome: str                      # one word, used as a metrics label
+    patch: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    denial: str | None = None         # set ⇒ the pod must be refused with this message
+
+
+def escape_pointer_token(token: str) -> str:
+    """RFC 6901: `~` first, then `/`."""
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def pointer(*tokens: str | int) -> str:
+    return "".join("/" + escape_pointer_token(str(t)) for t in tokens)
+
+
+def _set_op(container: dict, key: str, path: str, value: Any) -> dict:
+    return {"op": "replace" if key in container else "add", "path": path, "value": value}
+
+
+def _as_dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _literal_env(env: list) -> dict[str, str]:
+    # Only literal values can be known at admission time; valueFrom entries are
+    # carried over to the agent, which resolves them itself at run time.
+    return {e["name"]: e["value"] for e in env
+            if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("value"), str)}
+
+
+def _find_container(containers: list, name: str) -> int | None:
+    for index, container in enumerate(containers):
+        if isinstance(container, dict) and container.get("name") == name:
+            return index
+    return None
+
+
+def _agent_args(istio_args: list[str], annotations: dict, egress_allow: Sequence[str] | None) -> list[str]:
+    args = list(istio_args[1:])  # drop the `istio-iptables` subcommand word
+    # An explicit CLI flag beats the env (CLI > env): `false` must also win over
+    # BPFINIT_ACCELERATE / ISTIO_META_DNS_CAPTURE coming from proxyMetadata.
+    accelerate = annotations.get(ann.BPFINIT_ACCELERATE)
+    if accelerate == "true":
+        args.append("--accelerate")
+    elif accelerate == "false":
+        args.append("--accelerate=false")
+    dns = annotations.get(ann.BPFINIT_DNS_CAPTURE)
+    if dns in ann.BOOLEAN_VALUES:
+        args.append(f"--redirect-dns={dns}")
+    if egress_allow is not None:
+        args += ["--egress-allow", ",".join(egress_allow)]
+    return args
+
+
+def _agent_security_context(old: dict) -> dict:
+    context = {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"add": ["BPF", "NET_ADMIN", "PERFMON"], "drop": ["ALL"]},
+        "readOnlyRootFilesystem": False,
+        "runAsGroup": 0,
+        "runAsNonRoot": False,
+        "runAsUser": 0,
+    }
+    for key in KEPT_SECURITY_FIELDS:
+        if key in old:
+            context[key] = copy.deepcopy(old[key])
+    return context
+
+
+def _container_ops(base: str, old: dict, agent_args: list[str], image: str) -> list[dict]:
+    env = [e for e in _as_list(old.get("env"))
+           if not (isinstance(e, dict) and e.get("name") in AGENT_ENV_NAMES)] + copy.deepcopy(AGENT_ENV)
+    mounts = _as_list(old.get("volumeMounts"))
+    mount_names = {m.get("name") for m in mounts if isinstance(m, dict)}
+    mount_paths = {m.get("mountPath") for m in mounts if isinstance(m, dict)}
+    new_mounts = copy.deepcopy(mounts) + [copy.deepcopy(m) for m in AGENT_VOLUME_MOUNTS
+                                         if m["name"] not in mount_names and m["mountPath"] not in mount_paths]
+    return [
+        _set_op(old, "image", base + "/image", image),
+        _set_op(old, "command", base + "/command", list(AGENT_COMMAND)),
+        _set_op(old, "args", base + "/args", agent_args),
+        _set_op(old, "env", base + "/env", copy.deepcopy(env)),
+        _set_op(old, "securityContext", base + "/securityContext",
+                _agent_security_context(_as_dict(old.get("securityContext")))),
+        _set_op(old, "volumeMounts", base + "/volumeMounts", new_mounts),
+    ]
+
+
+def _volume_ops(spec: dict) -> list[dict]:
+    if "volumes" not in spec or not isinstance(spec.get("volumes"), list):
+        return [_set_op(spec, "volumes", "/spec/volumes", copy.deepcopy(AGENT_VOLUMES))]
+    present = {v.get("name") for v in spec["volumes"] if isinstance(v, dict)}
+    # Pod volumes are a shared, unkeyed array: append, never overwrite.
+    return [{"op": "add", "path": "/spec/volumes/-", "value": copy.deepcopy(v)}
+            for v in AGENT_VOLUMES if v["name"] not in present]
+
+
+def _status_ops(pod: dict, record: dict) -> list[dict]:
+    value = json.dumps(record, separators=(",", ":"), sort_keys=True)
+    if not isinstance(pod.get("metadata"), dict):
+        return [_set_op(pod, "metadata", "/metadata", {"annotations": {ann.BPFINIT_STATUS: value}})]
+    metadata = pod["metadata"]
+    if not isinstance(metadata.get("annotations"), dict):
+        return [_set_op(metadata, "annotations", "/metadata/annotations", {ann.BPFINIT_STATUS: value})]
+    return [_set_op(metadata["annotations"], ann.BPFINIT_STATUS,
+                    pointer("metadata", "annotations", ann.BPFINIT_STATUS), value)]
+
+
+def _self_check(pod: dict, ops: list[dict], index: int, agent_args: list[str]) -> str | None:
+    """Apply our own patch; a patch that fails to apply would fail the pod even under
+    failurePolicy Ignore (apiserver InternalError), so we never send one."""
+    try:
+        # A JSON round trip is a faster deep copy than copy.deepcopy for plain JSON data.
+        patched = jsonpatch.apply_patch(json.loads(json.dumps(pod)), ops, in_place=True)
+        container = patched["spec"]["initContainers"][index]
+    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, KeyError, IndexError, TypeError) as exc:
+        return f"patch does not apply: {exc}"
+    if container.get("command") != AGENT_COMMAND or container.get("args") != agent_args:
+        return "patched container is not the agent"
+    return None
+
+
+def mutate(pod: dict, settings: MutationSettings, egress_allow: Sequence[str] | None = None) -> MutationResult:
+    """Decide what to do with one Pod (CREATE) and build the patch."""
+    metadata = _as_dict(pod.get("metadata"))
+    annotations = metadata.get("annotations")
+    if annotations is not None and not isinstance(annotations, dict):
+        return MutationResult("invalid-annotations", denial="metadata.annotations must be a map of strings")
+    annotations = annotations or {}
+
+    problems = ann.validate_annotations(annotations)
+    if problems:
+        return MutationResult("invalid-annotations", denial="; ".join(problems))
+
+    spec = _as_dict(pod.get("spec"))
+    if MIRROR_POD_ANNOTATION in annotations:
+        return MutationResult("mirror-pod")        # static pods cannot be changed
+    if spec.get("hostNetwork") is True:
+        return MutationResult("host-network")      # Istio never injects these
+    init_containers = _as_list(spec.get("initContainers"))
+    index = _find_container(init_containers, ISTIO_INIT)
+    if index is None:
+        if _find_container(init_containers, ISTIO_VALIDATION) is not None:
+            return MutationResult("istio-cni", warnings=[
+                "bpfinit: pod left unchanged: istio-cni already captures its traffic (istio-validation)"])
+        # Istio may not have injected yet (we may run first): silence, reinvocation brings us back.
+        return MutationResult("no-istio-init")
+
+    istio_init = init_containers[index]
+    if istio_init.get("command") == AGENT_COMMAND:
+        return MutationResult("already-swapped")
+    if annotations.get(ann.BPFINIT_INJECT) == "false":
+        return MutationResult("opted-out", warnings=[
+            f'bpfinit: pod keeps iptables istio-init: annotation {ann.BPFINIT_INJECT}="false"'])
+
+    args = istio_init.get("args")
+    if (istio_init.get("command") not in (None, [])
+            or not isinstance(args, list) or not args or args[0] != ISTIO_IPTABLES
+            or not all(isinstance(a, str) for a in args)):
+        return MutationResult("user-override", warnings=[
+            "bpfinit: pod keeps istio-init: its command/args were overridden (not istio-iptables)"])
+
+    agent_args = _agent_args(args, annotations, egress_allow)
+    env = _as_list(istio_init.get("env"))
+    try:
+        config = agent_flags.parse(agent_args, _literal_env(env))
+    except agent_flags.FlagError as reason:
+        return MutationResult("unsupported-flags", warnings=[
+            f"bpfinit: pod keeps iptables istio-init: agent cannot parse its flags: {reason}"])
+    if config.unsupported:
+        return MutationResult("unsupported-flags", warnings=[
+            "bpfinit: pod keeps iptables istio-init: not supported by the agent: " + "; ".join(config.unsupported)])
+
+    base = pointer("spec", "initContainers", index)
+    record = {
+        "version": STATUS_VERSION,
+        "container": ISTIO_INIT,
+        "agentImage": settings.agent_image,
+        "replacedImage": istio_init.get("image", ""),
+        "egressGuard": egress_allow is not None,
+        "accelerate": bool(config.accelerate),
+        "dnsCapture": bool(config.redirect_dns),
+    }
+    ops = (_container_ops(base, istio_init, agent_args, settings.agent_image)
+           + _volume_ops(spec) + _status_ops(pod, record))
+    failure = _self_check(pod, ops, index, agent_args)
+    if failure:
+        return MutationResult("internal-error", warnings=[
+            f"bpfinit: pod left unchanged: internal error building the patch ({failure})"])
+    return MutationResult("swapped", patch=ops)

@@ -1,0 +1,626 @@
+"""Render bpfinit's Kubernetes manifests (`bpfinit-webhook manifests`).
+
+Python is the single source of truth for the objects we own: the non-kustomization YAML under `manifests/`
+is generated from it (`bpfinit-webhook manifests --write-kustomize manifests`), the kustomize
+overlays patch that base, and the tests check that `kubectl kustomize <overlay>` and `render(options)`
+produce the same objects. The policy CRD and sample policy are plain YAML files owned by the policy
+engine (`manifests/base/egressbypasspolicy-crd.yaml`, `sample-policy.yaml`); they are read, not generated.
+
+Everything here is a pure function on plain dicts, except `main()` (files and stdout).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+# ---- names shared by the manifests, the webhook (cabundle.py) and the docs -------------------------
+DEFAULT_NAMESPACE = "bpfinit-system"
+DEFAULT_IMAGE = "ghcr.io/bpfinit/bpfinit:0.1.0"
+WEBHOOK_NAME = "bpfinit-webhook"            # Deployment, Service, ServiceAccount, ClusterRole
+EXPORTER_NAME = "bpfinit-exporter"          # DaemonSet + ServiceAccount
+TLS_SECRET = "bpfinit-webhook-tls"          # shared CA + serving cert (built-in certs or cert-manager)
+# Mutating configurations are called in metadata.name order; Istio's are `istio-sidecar-injector*` and
+# `istio-revision-tag-*`, so `zz-` sorts after them today (reinvocationPolicy IfNeeded is what makes
+# correctness independent of the order). No `istio.io/rev` label and no `sidecar-injector.istio.io`
+# webhook-name suffix, or istiod's caBundle patcher would rewrite our caBundle.
+MUTATOR_CONFIG = "zz-bpfinit-mutator"
+VALIDATOR_CONFIG = "bpfinit-validator"
+MUTATE_PATH = "/mutate"
+VALIDATE_PATH = "/validate"
+HTTPS_PORT = 8443
+EXPORTER_PORT = 9965                         # initagent.exporter DEFAULT_LISTEN
+OPT_IN_LABEL = "bpfinit.io/enabled"
+TLS_DIR = "/etc/bpfinit/tls"
+WEBHOOK_UID = 65532                         # the image's non-root `bpfinit` user
+CERT_MANAGER_NAMESPACE = "cert-manager"
+POLICY_GROUP = "bpfinit.io"                 # the policy CRDs' API group (webhook/policy.py)
+
+COMMON_LABELS = {"app.kubernetes.io/name": "bpfinit", "app.kubernetes.io/part-of": "bpfinit"}
+CERT_MODES = ("none", "builtin", "cert-manager")
+ROLLOUTS = ("enforce", "warn-first")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASE_DIR = REPO_ROOT / "manifests" / "base"
+POLICY_CRD_FILE = "egressbypasspolicy-crd.yaml"
+SAMPLE_POLICY_FILE = "sample-policy.yaml"
+
+
+class RenderError(ValueError):
+    """Bad render options or input files; the message is one line meant for the operator."""
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    image: str = DEFAULT_IMAGE
+    namespace: str = DEFAULT_NAMESPACE
+    certs: str = "builtin"                 # "none" is the bare kustomize base
+    replicas: int = 3
+    rollout: str = "enforce"               # "warn-first": validator fails open, policies in Warn
+    extra_excluded_namespaces: tuple[str, ...] = ()
+    exporter: bool = True
+    agent_image: str | None = None         # image for the swapped init container; defaults to `image`
+    log_level: str = "info"
+    extra_labels: dict = field(default_factory=dict)
+
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
+
+
+def check_options(opts: RenderOptions) -> None:
+    """Raise RenderError with a one-line reason for options that would render an unusable set."""
+    if not _DNS1123_LABEL.match(opts.namespace):
+        raise RenderError(f"--namespace {opts.namespace!r} is not a valid namespace name (RFC 1123 label)")
+    for ns in opts.extra_excluded_namespaces:
+        if not _DNS1123_LABEL.match(ns):
+            raise RenderError(f"--exclude-namespace {ns!r} is not a valid namespace name (RFC 1123 label)")
+    for flag, image in (("--image", opts.image), ("--agent-image", opts.agent_image)):
+        if image is not None and (not _IMAGE_REF.match(image) or image.endswith((":", "@"))):
+            raise RenderError(f"{flag} {image!r} is not an image reference (e.g. registry/bpfinit:0.1.0)")
+    if opts.certs not in CERT_MODES:
+        raise RenderError(f"--certs must be one of {', '.join(CERT_MODES)}, not {opts.certs!r}")
+    if opts.rollout not in ROLLOUTS:
+        raise RenderError(f"--rollout must be one of {', '.join(ROLLOUTS)}, not {opts.rollout!r}")
+    if not 1 <= opts.replicas <= 50:
+        raise RenderError(f"--replicas must be between 1 and 50, not {opts.replicas}")
+    if opts.log_level not in ("debug", "info", "warning", "error"):
+        raise RenderError(f"--log-level must be debug, info, warning or error, not {opts.log_level!r}")
+
+
+# ---- small helpers -----------------------------------------------------------------------------
+
+def _labels(component: str, opts: RenderOptions) -> dict:
+    return {**COMMON_LABELS, "app.kubernetes.io/component": component, **opts.extra_labels}
+
+
+def _meta(name: str, component: str, opts: RenderOptions, namespaced: bool = True) -> dict:
+    meta = {"name": name, "labels": _labels(component, opts)}
+    if namespaced:
+        meta["namespace"] = opts.namespace
+    return meta
+
+
+def _selector_labels(component: str) -> dict:
+    # Selector labels never include user extras: a Deployment's selector is immutable.
+    return {"app.kubernetes.io/name": "bpfinit", "app.kubernetes.io/component": component}
+
+
+def _restricted_container_security(uid: int | None = WEBHOOK_UID) -> dict:
+    sc = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if uid is not None:
+        sc.update({"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid})
+    return sc
+
+
+def excluded_namespaces(opts: RenderOptions) -> list[str]:
+    """Namespaces neither webhook may ever see: kube-system, our own (self-deadlock), extras."""
+    names = ["kube-system", opts.namespace, *opts.extra_excluded_namespaces]
+    if opts.certs == "cert-manager":
+        # Our validator fails closed; cert-manager must be able to start its pods even when we are down,
+        # since we need it to (re)issue our certificate: no dependency loop.
+        names.append(CERT_MANAGER_NAMESPACE)
+    return list(dict.fromkeys(names))
+
+
+def _not_in_excluded(opts: RenderOptions) -> dict:
+    return {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": excluded_namespaces(opts)}
+
+
+def policy_rbac_rules(crd_docs: list[dict]) -> list[dict]:
+    """get/list/watch on every resource the policy CRD file defines (and nothing else)."""
+    by_group: dict[str, list[str]] = {}
+    for doc in crd_docs:
+        if doc.get("kind") != "CustomResourceDefinition":
+            continue
+        spec = doc.get("spec") or {}
+        plural = (spec.get("names") or {}).get("plural")
+        if not spec.get("group") or not plural:
+            raise RenderError(f"policy CRD {doc.get('metadata', {}).get('name')!r} lacks spec.group or names.plural")
+        by_group.setdefault(spec["group"], []).append(plural)
+    if not by_group:
+        raise RenderError(f"{POLICY_CRD_FILE} defines no CustomResourceDefinition")
+    return [{"apiGroups": [group], "resources": sorted(set(plurals)), "verbs": ["get", "list", "watch"]}
+            for group, plurals in sorted(by_group.items())]
+
+
+# ---- objects -------------------------------------------------------------------------------------
+
+def namespace(opts: RenderOptions) -> dict:
+    meta = {"name": opts.namespace, "labels": {
+        **_labels("namespace", opts),
+        # The webhook itself runs here: restricted Pod Security, and never Istio-injected.
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "istio-injection": "disabled",
+    }}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
+
+
+def service_account(opts: RenderOptions) -> dict:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(WEBHOOK_NAME, "webhook", opts)}
+
+
+def policy_cluster_role(opts: RenderOptions, crd_docs: list[dict]) -> list[dict]:
+    """The base RBAC: watch the egress policies. Nothing else is needed with cert-manager."""
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": _meta(f"{WEBHOOK_NAME}-policy-reader", "webhook", opts, namespaced=False),
+            "rules": policy_rbac_rules(crd_docs)}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": _meta(f"{WEBHOOK_NAME}-policy-reader", "webhook", opts, namespaced=False),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                           "name": f"{WEBHOOK_NAME}-policy-reader"},
+               "subjects": [{"kind": "ServiceAccount", "name": WEBHOOK_NAME, "namespace": opts.namespace}]}
+    return [role, binding]
+
+
+def builtin_certs_rbac(opts: RenderOptions) -> list[dict]:
+    """What `bpfinit-webhook certs` needs: its one Secret, and caBundle on our two configurations only.
+
+    `create` cannot be limited by resourceNames (the name is not known at authorization time), so the
+    Role allows creating Secrets in our own namespace only; everything else is pinned by name.
+    """
+    name = f"{WEBHOOK_NAME}-certs"
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": _meta(name, "webhook", opts),
+         "rules": [
+             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [TLS_SECRET],
+              "verbs": ["get", "update"]},
+         ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(name, "webhook", opts),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": WEBHOOK_NAME, "namespace": opts.namespace}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": _meta(f"{name}-cabundle", "webhook", opts, namespaced=False),
+         "rules": [
+             {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+              "resourceNames": [MUTATOR_CONFIG], "verbs": ["get", "patch"]},
+             {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["validatingwebhookconfigurations"],
+              "resourceNames": [VALIDATOR_CONFIG], "verbs": ["get", "patch"]},
+         ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": _meta(f"{name}-cabundle", "webhook", opts, namespaced=False),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"{name}-cabundle"},
+         "subjects": [{"kind": "ServiceAccount", "name": WEBHOOK_NAME, "namespace": opts.namespace}]},
+    ]
+
+
+def _webhook_container(opts: RenderOptions) -> dict:
+    probe = {"scheme": "HTTPS", "port": "https"}
+    return {
+        "name": "webhook",
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["bpfinit-webhook", "serve"],
+        # --service-name/--namespace only matter when the server has to make its own certificate (base).
+        "args": [f"--port={HTTPS_PORT}", f"--cert-dir={TLS_DIR}", f"--service-name={WEBHOOK_NAME}",
+                 f"--namespace={opts.namespace}", f"--log-level={opts.log_level}"],
+        "env": [
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "BPFINIT_AGENT_IMAGE", "value": opts.agent_image or opts.image},
+            # gunicorn workers share metrics through files; the root filesystem is read-only.
+            {"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/metrics"},
+            {"name": "HOME", "value": "/tmp"},
+        ],
+        "ports": [{"name": "https", "containerPort": HTTPS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {**probe, "path": "/readyz"}, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {**probe, "path": "/healthz"}, "periodSeconds": 10,
+                          "failureThreshold": 6, "timeoutSeconds": 3},
+        "startupProbe": {"httpGet": {**probe, "path": "/healthz"}, "periodSeconds": 2, "failureThreshold": 60},
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "384Mi"}},
+        "securityContext": _restricted_container_security(),
+        "volumeMounts": [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
+def deployment(opts: RenderOptions) -> dict:
+    selector = _selector_labels("webhook")
+    pod_spec = {
+        "serviceAccountName": WEBHOOK_NAME,
+        # Admission of every Istio pod goes through us (and the validator fails closed).
+        "priorityClassName": "system-cluster-critical",
+        # fsGroup: the cert-manager Secret volume must be readable by the non-root user.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": WEBHOOK_UID, "runAsGroup": WEBHOOK_UID,
+                            "fsGroup": WEBHOOK_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": {"labelSelector": {"matchLabels": selector},
+                                                "topologyKey": "kubernetes.io/hostname"}}]}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                       "whenUnsatisfiable": "ScheduleAnyway",
+                                       "labelSelector": {"matchLabels": selector}}],
+        "containers": [_webhook_container(opts)],
+        "volumes": [
+            # Base: filled by the cert overlay (emptyDir written by `certs`, or cert-manager's Secret).
+            {"name": "tls", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+        ],
+    }
+    spec = {
+        "replicas": opts.replicas,
+        "revisionHistoryLimit": 3,
+        "selector": {"matchLabels": selector},
+        # Never drop below the current number of ready webhook pods during a rollout.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "template": {"metadata": {"labels": _labels("webhook", opts),
+                                  "annotations": {"kubectl.kubernetes.io/default-container": "webhook"}},
+                     "spec": pod_spec},
+    }
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(WEBHOOK_NAME, "webhook", opts),
+            "spec": spec}
+
+
+def pod_disruption_budget(opts: RenderOptions) -> list[dict]:
+    # A PDB on a single replica blocks node drains forever (kubernetes#93476): only with replicas > 1.
+    if opts.replicas <= 1:
+        return []
+    return [{"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(WEBHOOK_NAME, "webhook", opts),
+             "spec": {"minAvailable": 1, "selector": {"matchLabels": _selector_labels("webhook")}}}]
+
+
+def service(opts: RenderOptions) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(WEBHOOK_NAME, "webhook", opts),
+            "spec": {"type": "ClusterIP", "selector": _selector_labels("webhook"),
+                     "ports": [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}]}}
+
+
+def _client_config(opts: RenderOptions, path: str) -> dict:
+    return {"service": {"name": WEBHOOK_NAME, "namespace": opts.namespace, "path": path, "port": 443}}
+
+
+def mutating_webhook_configuration(opts: RenderOptions) -> dict:
+    """Two webhooks, because a label selector is an AND of requirements and Istio injects a namespace when
+    `istio-injection=enabled` OR (`istio.io/rev` is set AND `istio-injection` is absent). Each of ours is
+    `bpfinit.io/enabled=true` AND one of those two branches, so they are disjoint: a pod is sent to at most
+    one of them, exactly as Istio's own `namespace.` / `rev.namespace.` webhooks split it.
+    """
+    rules = [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+              "scope": "Namespaced"}]
+    common = {
+        "admissionReviewVersions": ["v1"],
+        "clientConfig": _client_config(opts, MUTATE_PATH),
+        "failurePolicy": "Ignore",            # we are down => pods keep istio-init, which is safe
+        "matchPolicy": "Equivalent",
+        "reinvocationPolicy": "IfNeeded",     # called again after Istio injects, whatever the order
+        "rules": rules,
+        "sideEffects": "None",
+        "timeoutSeconds": 5,
+    }
+    opt_in = {"key": OPT_IN_LABEL, "operator": "In", "values": ["true"]}
+    injection_ns = {**copy.deepcopy(common), "name": "injection-namespace.mutator.bpfinit.io",
+                    "namespaceSelector": {"matchExpressions": [
+                        opt_in, {"key": "istio-injection", "operator": "In", "values": ["enabled"]},
+                        _not_in_excluded(opts)]}}
+    revision_ns = {**copy.deepcopy(common), "name": "revision-namespace.mutator.bpfinit.io",
+                   "namespaceSelector": {"matchExpressions": [
+                       opt_in, {"key": "istio.io/rev", "operator": "Exists"},
+                       {"key": "istio-injection", "operator": "DoesNotExist"},
+                       _not_in_excluded(opts)]}}
+    return {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": _meta(MUTATOR_CONFIG, "webhook", opts, namespaced=False),
+            "webhooks": [injection_ns, revision_ns]}
+
+
+VALIDATED_KINDS = [
+    ("", ["pods", "replicationcontrollers"]),
+    ("apps", ["deployments", "statefulsets", "daemonsets", "replicasets"]),
+    ("batch", ["jobs", "cronjobs"]),
+]
+
+
+def validating_webhook_configuration(opts: RenderOptions) -> dict:
+    """Fail closed on the final state of pods and of every workload template that makes pods.
+
+    No objectSelector: object labels are set by the very users the policy constrains. The namespace
+    exclusion uses `kubernetes.io/metadata.name`, which the apiserver sets and users cannot forge.
+    """
+    rules = [{"operations": ["CREATE", "UPDATE"], "apiGroups": [group], "apiVersions": ["v1"],
+              "resources": resources, "scope": "Namespaced"} for group, resources in VALIDATED_KINDS]
+    hook = {
+        "name": "egress-bypass.validator.bpfinit.io",
+        "admissionReviewVersions": ["v1"],
+        "clientConfig": _client_config(opts, VALIDATE_PATH),
+        # warn-first: while policies are in Warn, an outage must not block every pod in the cluster.
+        "failurePolicy": "Ignore" if opts.rollout == "warn-first" else "Fail",
+        "matchPolicy": "Equivalent",
+        "namespaceSelector": {"matchExpressions": [_not_in_excluded(opts)]},
+        "rules": rules,
+        "sideEffects": "None",
+        "timeoutSeconds": 10,
+    }
+    return {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": _meta(VALIDATOR_CONFIG, "webhook", opts, namespaced=False), "webhooks": [hook]}
+
+
+def exporter(opts: RenderOptions) -> list[dict]:
+    """Per-node observer: reads the pinned counters/ring buffer and serves Prometheus metrics.
+
+    It runs as root (bpffs pins are root-owned 0600) with only CAP_BPF + CAP_PERFMON, read-only root FS,
+    no API token (pod identity comes from the pins, written by each pod's agent from the downward API).
+    """
+    selector = _selector_labels("exporter")
+    container = {
+        "name": "exporter",
+        "image": opts.agent_image or opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["bpfinit-agent", "exporter"],
+        "args": ["--bpffs=/sys/fs/bpf", f"--listen=0.0.0.0:{EXPORTER_PORT}"],
+        "ports": [{"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"}],
+        "livenessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 30,
+                          "timeoutSeconds": 5},
+        "resources": {"requests": {"cpu": "20m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "capabilities": {"drop": ["ALL"], "add": ["BPF", "PERFMON"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    ds = {
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _meta(EXPORTER_NAME, "exporter", opts),
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
+            "template": {
+                "metadata": {"labels": _labels("exporter", opts),
+                             "annotations": {"prometheus.io/scrape": "true",
+                                             "prometheus.io/port": str(EXPORTER_PORT)}},
+                "spec": {
+                    "serviceAccountName": EXPORTER_NAME,
+                    "automountServiceAccountToken": False,
+                    "priorityClassName": "system-node-critical",
+                    "tolerations": [{"operator": "Exists"}],   # every node that can run Istio pods
+                    "containers": [container],
+                    "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
+                                {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}],
+                },
+            },
+        },
+    }
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(EXPORTER_NAME, "exporter", opts),
+          "automountServiceAccountToken": False}
+    return [sa, ds]
+
+
+# ---- cert modes and rollout ------------------------------------------------------------------------
+
+def apply_builtin_certs(objs: list[dict], opts: RenderOptions) -> list[dict]:
+    """`bpfinit-webhook certs` makes/rotates the shared Secret and patches caBundle.
+
+    An init container runs it once, so the server starts with its certificate in the shared in-memory
+    volume; a sidecar keeps running it to re-patch caBundle (e.g. after `kubectl apply` blanked it) and to
+    rotate before expiry. The server reloads the files without a restart.
+    """
+    objs = copy.deepcopy(objs)
+    certs_args = [f"--namespace={opts.namespace}", f"--secret={TLS_SECRET}",
+                  f"--service={WEBHOOK_NAME}", f"--mutating-webhook-configuration={MUTATOR_CONFIG}",
+                  f"--validating-webhook-configuration={VALIDATOR_CONFIG}", f"--out-dir={TLS_DIR}"]
+    base = {"image": opts.image, "imagePullPolicy": "IfNotPresent", "command": ["bpfinit-webhook", "certs"],
+            "securityContext": _restricted_container_security(),
+            "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}},
+            "volumeMounts": [{"name": "tls", "mountPath": TLS_DIR}]}
+    for obj in objs:
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"] == WEBHOOK_NAME:
+            spec = obj["spec"]["template"]["spec"]
+            spec["initContainers"] = [{"name": "certs-init", **copy.deepcopy(base), "args": ["--once", *certs_args]}]
+            # kustomize's strategic merge puts added list items first; keep the same order here.
+            spec["containers"].insert(0, {"name": "certs", **copy.deepcopy(base), "args": certs_args})
+    return objs + builtin_certs_rbac(opts)
+
+
+def apply_cert_manager(objs: list[dict], opts: RenderOptions) -> list[dict]:
+    """cert-manager issues the serving cert into the Secret; cainjector fills caBundle on both configs."""
+    objs = copy.deepcopy(objs)
+    inject = {"cert-manager.io/inject-ca-from": f"{opts.namespace}/{WEBHOOK_NAME}"}
+    for obj in objs:
+        if obj["kind"] in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+            obj["metadata"].setdefault("annotations", {}).update(inject)
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"] == WEBHOOK_NAME:
+            for vol in obj["spec"]["template"]["spec"]["volumes"]:
+                if vol["name"] == "tls":
+                    vol.clear()
+                    vol.update({"name": "tls", "secret": {"secretName": TLS_SECRET, "defaultMode": 0o440}})
+    return objs + cert_manager_objects(opts)
+
+
+def cert_manager_objects(opts: RenderOptions) -> list[dict]:
+    svc_dns = [f"{WEBHOOK_NAME}.{opts.namespace}.svc", f"{WEBHOOK_NAME}.{opts.namespace}.svc.cluster.local"]
+    selfsigned = f"{WEBHOOK_NAME}-selfsigned"
+    ca = f"{WEBHOOK_NAME}-ca"
+    return [
+        # A self-signed issuer bootstraps a namespace-local CA; the CA issues the short-lived serving cert.
+        {"apiVersion": "cert-manager.io/v1", "kind": "Issuer", "metadata": _meta(selfsigned, "webhook", opts),
+         "spec": {"selfSigned": {}}},
+        {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": _meta(ca, "webhook", opts),
+         "spec": {"isCA": True, "commonName": ca, "secretName": ca, "duration": "87600h",
+                  "privateKey": {"algorithm": "ECDSA", "size": 256},
+                  "issuerRef": {"kind": "Issuer", "name": selfsigned, "group": "cert-manager.io"}}},
+        {"apiVersion": "cert-manager.io/v1", "kind": "Issuer", "metadata": _meta(ca, "webhook", opts),
+         "spec": {"ca": {"secretName": ca}}},
+        {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": _meta(WEBHOOK_NAME, "webhook", opts),
+         "spec": {"secretName": TLS_SECRET, "dnsNames": svc_dns, "duration": "2160h", "renewBefore": "720h",
+                  "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+                  "usages": ["server auth", "digital signature", "key encipherment"],
+                  "issuerRef": {"kind": "Issuer", "name": ca, "group": "cert-manager.io"}}},
+    ]
+
+
+def apply_warn_first(objs: list[dict], opts: RenderOptions) -> list[dict]:
+    """First rollout step: the validator fails open and every policy in the set runs in Warn mode."""
+    objs = copy.deepcopy(objs)
+    for obj in objs:
+        if obj["kind"] == "ValidatingWebhookConfiguration":
+            for hook in obj["webhooks"]:
+                hook["failurePolicy"] = "Ignore"
+        if obj.get("apiVersion", "").startswith(POLICY_GROUP + "/") and isinstance(obj.get("spec"), dict) \
+                and "mode" in obj["spec"]:
+            obj["spec"]["mode"] = "Warn"
+    return objs
+
+
+# ---- whole sets ------------------------------------------------------------------------------------
+
+def render_base(opts: RenderOptions, crd_docs: list[dict]) -> dict[str, list[dict]]:
+    """The objects of `manifests/base`, by file name (the CRD and sample policy files are not ours)."""
+    base_opts = replace(opts, certs="none", rollout="enforce")
+    files = {
+        "namespace.yaml": [namespace(base_opts)],
+        "rbac.yaml": [service_account(base_opts), *policy_cluster_role(base_opts, crd_docs)],
+        "deployment.yaml": [deployment(base_opts), *pod_disruption_budget(base_opts)],
+        "service.yaml": [service(base_opts)],
+        "webhook-configurations.yaml": [mutating_webhook_configuration(base_opts),
+                                        validating_webhook_configuration(base_opts)],
+    }
+    if opts.exporter:
+        files["exporter.yaml"] = exporter(base_opts)
+    return files
+
+
+def render(opts: RenderOptions, crd_docs: list[dict], sample_docs: list[dict]) -> list[dict]:
+    """The whole deployable set for `opts` (same objects as the matching kustomize overlay)."""
+    check_options(opts)
+    webhook_objs = []
+    for docs in render_base(opts, crd_docs).values():
+        webhook_objs.extend(docs)
+    # The webhook configurations read excluded_namespaces(opts), which depends on the cert mode.
+    webhook_objs = [mutating_webhook_configuration(opts) if o["kind"] == "MutatingWebhookConfiguration"
+                    else validating_webhook_configuration(opts) if o["kind"] == "ValidatingWebhookConfiguration"
+                    else o for o in webhook_objs]
+    objs = [*copy.deepcopy(crd_docs), *webhook_objs, *copy.deepcopy(sample_docs)]
+    if opts.certs == "builtin":
+        objs = apply_builtin_certs(objs, opts)
+    elif opts.certs == "cert-manager":
+        objs = apply_cert_manager(objs, opts)
+    if opts.rollout == "warn-first":
+        objs = apply_warn_first(objs, opts)
+    return objs
+
+
+# ---- files and CLI -------------------------------------------------------------------------------
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    except FileNotFoundError:
+        raise RenderError(f"missing {path} (written by the policy engine; is this a full bpfinit checkout?)")
+    except yaml.YAMLError as exc:
+        raise RenderError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}")
+    if not all(isinstance(d, dict) and d.get("kind") for d in docs):
+        raise RenderError(f"{path} holds a YAML document that is not a Kubernetes object")
+    return docs
+
+
+def dump_yaml(objs: list[dict]) -> str:
+    return "---\n".join(yaml.safe_dump(o, sort_keys=False, default_flow_style=False) for o in objs)
+
+
+GENERATED_HEADER = ("# Generated from webhook/render.py by `bpfinit-webhook manifests --write-kustomize manifests`.\n"
+                    "# Do not edit: change render.py and regenerate (tests/deploy checks they agree).\n")
+
+
+def kustomize_generated_files(crd_docs: list[dict]) -> dict[str, list[dict]]:
+    """Files under manifests/ that are generated (relative path -> objects); the rest is hand-written."""
+    opts = RenderOptions()
+    files = {f"base/{name}": docs for name, docs in render_base(opts, crd_docs).items()}
+    files["overlays/builtin-certs/certs-rbac.yaml"] = builtin_certs_rbac(opts)
+    files["overlays/cert-manager/certificates.yaml"] = cert_manager_objects(opts)
+    return files
+
+
+def write_kustomize(manifests_dir: Path, crd_docs: list[dict]) -> list[Path]:
+    written = []
+    for rel, docs in kustomize_generated_files(crd_docs).items():
+        path = manifests_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(GENERATED_HEADER + dump_yaml(docs))
+        written.append(path)
+    return written
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bpfinit-webhook manifests",
+                                description="Render bpfinit's Kubernetes manifests as one YAML stream.")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="bpfinit image (webhook, certs, exporter)")
+    p.add_argument("--agent-image", default=None, help="image for the swapped init container (default: --image)")
+    p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    p.add_argument("--certs", choices=CERT_MODES, default="builtin",
+                   help="builtin: the webhook makes its own CA; cert-manager: Certificate + cainjector")
+    p.add_argument("--rollout", choices=ROLLOUTS, default="enforce",
+                   help="warn-first: validator fails open and policies run in Warn mode")
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--exclude-namespace", action="append", default=[], dest="exclude",
+                   help="another namespace neither webhook may see (repeatable)")
+    p.add_argument("--no-exporter", action="store_true", help="leave out the observer/exporter DaemonSet")
+    p.add_argument("--no-sample-policy", action="store_true", help="leave out the sample egress policy")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    p.add_argument("--write-kustomize", metavar="DIR", default=None,
+                   help="(maintainers) regenerate the generated files of the kustomize tree DIR and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        crd_docs = load_yaml_docs(BASE_DIR / POLICY_CRD_FILE)
+        if args.write_kustomize:
+            for path in write_kustomize(Path(args.write_kustomize), crd_docs):
+                print(f"wrote {path}", file=sys.stderr)
+            return 0
+        sample_docs = [] if args.no_sample_policy else load_yaml_docs(BASE_DIR / SAMPLE_POLICY_FILE)
+        opts = RenderOptions(image=args.image, agent_image=args.agent_image, namespace=args.namespace,
+                             certs=args.certs, rollout=args.rollout, replicas=args.replicas,
+                             extra_excluded_namespaces=tuple(args.exclude), exporter=not args.no_exporter,
+                             log_level=args.log_level)
+        text = dump_yaml(render(opts, crd_docs, sample_docs))
+    except RenderError as exc:
+        print(f"bpfinit-webhook manifests: {exc}", file=sys.stderr)
+        return 2
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

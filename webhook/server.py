@@ -1,0 +1,117 @@
+"""Run the Flask app under gunicorn (gthread workers) over TLS >= 1.2.
+
+- TLS: gunicorn's `ssl_context` hook returns our cached context (webhook.certs.
+  TlsContextCache), so each new connection sees rotated files without a restart
+  and without re-reading them per handshake. `ssl_version` is ignored by gunicorn
+  since 21.0; the hook is the supported way to set the minimum version.
+- Metrics: PROMETHEUS_MULTIPROC_DIR is set and wiped before the workers fork
+  (prometheus-client reads it at import); child_exit marks dead workers.
+- gthread (not sync): keep-alive, so the apiserver does not pay a handshake per call.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+
+@dataclass
+class ServerOptions:
+    host: str = "0.0.0.0"
+    port: int = 8443
+    cert_dir: str = "run/certs"
+    agent_image: str = ""
+    workers: int = 2
+    threads: int = 4
+    metrics_dir: str | None = None
+    log_level: str = "info"
+    access_log: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_metrics_dir(path: str | None) -> tuple[str, bool]:
+    """Empty (or create) the multiprocess dir; returns (path, created_by_us)."""
+    created = path is None
+    if path is None:
+        path = tempfile.mkdtemp(prefix="bpfinit-webhook-metrics-")
+    else:
+        os.makedirs(path, exist_ok=True)
+        # Stale files from a previous run would be summed into this run's counters.
+        for entry in os.scandir(path):
+            if entry.is_file() and entry.name.endswith(".db"):
+                os.unlink(entry.path)
+    from webhook import metrics
+    metrics.enable_multiprocess(path)
+    return path, created
+
+
+class WebhookServer(BaseApplication):
+    def __init__(self, options: ServerOptions, policy_store: Any = None):
+        self.options = options
+        self.policy_store = policy_store
+        super().__init__()
+
+    def load_config(self) -> None:
+        from webhook import certs, metrics  # after PROMETHEUS_MULTIPROC_DIR is set
+
+        tls_cache = certs.TlsContextCache(self.options.cert_dir)
+        tls_cache.context()  # fail at start-up, not at the first handshake
+
+        def ssl_context(_conf, _default_factory):
+            return tls_cache.context()
+
+        def child_exit(_server, worker):
+            metrics.mark_worker_dead(worker.pid)
+
+        paths = certs.CertPaths(Path(self.options.cert_dir))
+        settings = {
+            "bind": [_bind_address(self.options.host, self.options.port)],
+            "workers": self.options.workers,
+            "worker_class": "gthread",
+            "threads": self.options.threads,
+            "certfile": str(paths.tls_cert),
+            "keyfile": str(paths.tls_key),
+            "ssl_context": ssl_context,
+            "child_exit": child_exit,
+            "keepalive": 75,          # longer than the apiserver's idle connection reuse
+            "timeout": 30,
+            "graceful_timeout": 10,
+            "loglevel": self.options.log_level,
+            "accesslog": "-" if self.options.access_log else None,
+            "errorlog": "-",
+            "proc_name": "bpfinit-webhook",
+            # gunicorn >= 24 opens a control socket in $HOME by default; several servers
+            # (tests, replicas on one host) would fight over it and we do not use it.
+            "control_socket_disable": True,
+            **self.options.extra,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from webhook import logs
+        from webhook.app import WebhookSettings, create_app
+
+        logs.configure(self.options.log_level)
+        return create_app(WebhookSettings(agent_image=self.options.agent_image, cert_dir=self.options.cert_dir),
+                          policy_store=self.policy_store)
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve(options: ServerOptions, policy_store: Any = None) -> int:
+    metrics_dir, created = prepare_metrics_dir(options.metrics_dir)
+    try:
+        WebhookServer(options, policy_store).run()
+    finally:
+        if created:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
