@@ -82,6 +82,25 @@ def wrk(pod: Pod, seconds: int, close: bool) -> float:
     return float(m.group(1))
 
 
+def enable_bpf_stats() -> int:
+    """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): run-time accounting while the returned fd is open (node-wide,
+    so keep the window short)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.c_uint32(0)
+    fd = libc.syscall(321, 32, ctypes.byref(attr), 4)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "BPF_ENABLE_STATS failed")
+    return fd
+
+
+def prog_stats(path: Path) -> tuple[int, int]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    info = json.loads(out)
+    return info.get("run_time_ns", 0), info.get("run_cnt", 0)
+
+
 def wait_listening(pod_run, port: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -132,6 +151,33 @@ def main() -> int:
                     med = statistics.median(values)
                     print(f"{load:<9} {mode:<9} RPS median {med:9.0f}  ({', '.join(f'{v:.0f}' for v in values)})"
                           f"  vs off: {100 * (med / base - 1):+.1f} %", flush=True)
+            # In-kernel cost of connect4 (where every outbound decision is recorded) per mode, measured
+            # with BPF run-time stats during a close-mode load: independent of other load on the machine.
+            progs = next((bpffs / "bpfinit").glob("*/progs/bpfinit_connect4"))
+            results["connect4_ns_per_run"] = {}
+            stats_fd = enable_bpf_stats()
+            try:
+                for r in range(args.rounds):
+                    for mode in list(modes)[r % 3:] + list(modes)[:r % 3]:
+                        observe(bpffs, *modes[mode])
+                        t0, c0 = prog_stats(progs)
+                        wrk(pod, 2, close=True)
+                        t1, c1 = prog_stats(progs)
+                        results["connect4_ns_per_run"].setdefault(mode, []).append((t1 - t0) / max(1, c1 - c0))
+                        observe(bpffs)
+            finally:
+                os.close(stats_fd)
+            ns = {m: statistics.median(v) for m, v in results["connect4_ns_per_run"].items()}
+            # Host CPU per close-mode request, upper bound: all CPUs busy at the "off" rate.
+            cpu_ns_per_req = os.cpu_count() * 1e9 / statistics.median(results["rps"]["close"]["off"])
+            results["estimate"] = {}
+            for mode, values in results["connect4_ns_per_run"].items():
+                extra = 2 * (ns[mode] - ns["off"])          # two connect4 runs per proxied request
+                results["estimate"][mode] = {"extra_ns_per_request": extra,
+                                             "overhead_pct": 100 * extra / cpu_ns_per_req}
+                print(f"connect4  {mode:<9} ns/run median {ns[mode]:7.0f}  ({', '.join(f'{v:.0f}' for v in values)})"
+                      f"  => {extra:+.0f} ns/request = {100 * extra / cpu_ns_per_req:+.2f} % of "
+                      f"{cpu_ns_per_req / 1000:.0f} us CPU/request", flush=True)
         finally:
             for p in (sidecar, upstream):
                 p.terminate()
@@ -145,6 +191,7 @@ def main() -> int:
         "kernel": os.uname().release, "cpus": os.cpu_count(), "rounds": args.rounds, "seconds": args.seconds,
         "wrk": "-t1 -c16", "sidecar": "HAProxy 2.6 nbthread 1, uid 1337", "upstream": "HAProxy http-request return",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_after": os.getloadavg(),   # other sessions share this VM: read RPS ratios with this in mind
     }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

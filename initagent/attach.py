@@ -113,6 +113,14 @@ def _write_entries(build: Build, entries: dict[str, list[tuple[bytes, bytes]]]) 
     return count
 
 
+def _fault_point(name: str) -> None:
+    """Test hook: BPFINIT_TEST_STALL=<name> stalls setup here (bounded) so a test can kill it mid-way."""
+    if os.environ.get("BPFINIT_TEST_STALL") == name:
+        import sys
+        print(f"STALLED {name}", file=sys.stderr, flush=True)
+        time.sleep(30)
+
+
 def _unpin_dir(path: Path) -> None:
     """Unpinning a link dir detaches its programs (we hold no other fds)."""
     shutil.rmtree(path, ignore_errors=True)
@@ -168,6 +176,7 @@ def setup_pod(build: Build, bpffs: str | Path, cfg: CaptureConfig, facts: PodFac
         finally:
             os.close(cg_fd)
             os.close(ns_fd)
+        _fault_point("links")
         new_dir.mkdir()
         for name, fd in zip(names, link_fds):
             bpfsys.obj_pin(fd, str(new_dir / name))

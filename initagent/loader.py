@@ -208,7 +208,7 @@ def _compile_and_pin(text: str, directory: Path, programs: list[ProgSpec], heade
             if spec.prog_type == "sk_msg":
                 attach_type = -1
             try:
-                fn = bpf.load_func(spec.name, bpfsys.PROG_TYPE[spec.prog_type], attach_type=attach_type)
+                fn = bpf.load_func(spec.name.encode(), bpfsys.PROG_TYPE[spec.prog_type], attach_type=attach_type)
             except Exception as err:
                 raise LoadError(f"loading {spec.name} failed: {err}") from None
             bpfsys.obj_pin(fn.fd, str(directory / "progs" / spec.name))

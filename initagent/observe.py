@@ -155,8 +155,8 @@ def format_flow_line(record: dict) -> str:
     l4name, ports = next(iter(f["l4"].items()))
 
     def end(who: dict, ip: str, port: int) -> str:
-        name = f"{who['namespace']}/{who['pod_name']}" if who else ip
-        return f"{name}:{port}" if not who else f"{name} ({ip}:{port})"
+        addr = f"{ip}:{port}" if port else ip          # port 0: socket not bound yet at connect()
+        return f"{who['namespace']}/{who['pod_name']} ({addr})" if who else addr
 
     src = end(f["source"], f["IP"]["source"], ports["source_port"])
     dst = end(f["destination"], f["IP"]["destination"], ports["destination_port"])
@@ -277,6 +277,8 @@ class _Identities:
         self.cache: dict[str, dict[int, dict]] = {}
         self.loaded_at: dict[str, float] = {}
         self.addr_maps: dict[str, obsmaps.PinnedMap | None] = {}
+        self.pod_addrs: dict[str, dict[tuple[int, int], str]] = {}
+        self.addrs_loaded_at: dict[str, float] = {}
 
     def get(self, gen: str, pod_idx: int) -> dict | None:
         table = self.cache.get(gen)
@@ -285,19 +287,39 @@ class _Identities:
             self.loaded_at[gen] = time.monotonic()
         return table.get(pod_idx)
 
-    def by_address(self, gen: str, family: int, raw_addr) -> dict | None:
-        """The pod owning an address, through the inbound engineer's bi_pod_addrs map (if pinned)."""
+    def _addr_map(self, gen: str) -> obsmaps.PinnedMap | None:
+        """The inbound part's bi_pod_addrs (pod address -> {netns_cookie u64, pod_idx u32, flags u32})."""
         if gen not in self.addr_maps:
             path = self.gens[gen].path("bi_pod_addrs")
-            self.addr_maps[gen] = obsmaps.PinnedMap(path) if path.exists() else None
-        m = self.addr_maps[gen]
-        if m is None or m.key_size != 20:
+            m = obsmaps.PinnedMap(path) if path.exists() else None
+            self.addr_maps[gen] = m if m is not None and m.key_size == 20 and m.value_size == 16 else None
+        return self.addr_maps[gen]
+
+    def by_address(self, gen: str, family: int, raw_addr) -> dict | None:
+        """The pod owning an address (when it is a pod on this node)."""
+        m = self._addr_map(gen)
+        if m is None:
             return None
-        key = family.to_bytes(4, "little") + bytes(raw_addr)
-        found = m.lookup(key)
+        found = m.lookup(family.to_bytes(4, "little") + bytes(raw_addr))
         if found is None:
             return None
-        return self.get(gen, int.from_bytes(found[0][:4], "little"))
+        return self.get(gen, int.from_bytes(found[0][8:12], "little"))
+
+    def address_of(self, gen: str, pod_idx: int, family: int) -> str | None:
+        """A pod's own address of that family (first non-loopback one), re-read at most every second."""
+        cache = self.pod_addrs.setdefault(gen, {})
+        if (pod_idx, family) not in cache and time.monotonic() - self.addrs_loaded_at.get(gen, 0) > 1.0:
+            self.addrs_loaded_at[gen] = time.monotonic()
+            m = self._addr_map(gen)
+            if m is not None:
+                for key in m.keys(limit=m.max_entries + 1):
+                    val = m.lookup(key)
+                    fam = int.from_bytes(key[:4], "little")
+                    addr = obsmaps.event_address(key[4:], fam)
+                    if val is None or ipaddress.ip_address(addr).is_loopback:
+                        continue
+                    cache.setdefault((int.from_bytes(val[0][8:12], "little"), fam), addr)
+        return cache.get((pod_idx, family))
 
 
 class EventReader:
@@ -398,7 +420,16 @@ class Observer:
         peer = self.idents.by_address(gen, ev.family, peer_raw)
         if peer is pod:
             peer = None
-        return event_to_flow(ev, pod, self.wall_offset_ns, self.node_name, peer), ev.ts_ns + self.wall_offset_ns
+        record = event_to_flow(ev, pod, self.wall_offset_ns, self.node_name, peer)
+        if not inbound:
+            # connect() runs before the socket is bound: no source yet. Show the pod's own address.
+            ip = record["flow"]["IP"]
+            if ipaddress.ip_address(ip["source"]).is_unspecified:
+                own = self.idents.address_of(gen, ev.pod_idx, ev.family)
+                if own:
+                    ip["source"] = own
+                    record["flow"]["bpfinit"]["source_unbound"] = True
+        return record, ev.ts_ns + self.wall_offset_ns
 
     def stream(self, emit: Callable[[dict], None], follow: bool, max_events: int | None = None,
                timeout_s: float | None = None, stop: Callable[[], bool] = lambda: False) -> int:

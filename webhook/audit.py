@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import yaml
 

@@ -39,30 +39,40 @@ LABELS_FILE = PODINFO_DIR + "/labels"
 
 # Host paths the agent needs: bpffs for pins, cgroup v2 to attach programs to the
 # pod cgroup, kernel headers so bcc can compile on a node's first pod.
-AGENT_VOLUMES: list[dict[str, Any]] = [
-    {"name": "bpfinit-bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}},
-    {"name": "bpfinit-cgroup", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}},
-    # No `type`: a node without headers still starts the agent, which then
-    # reports the precise reason (only needed when nothing is compiled yet).
-    {"name": "bpfinit-lib-modules", "hostPath": {"path": "/lib/modules"}},
-    {"name": "bpfinit-usr-src", "hostPath": {"path": "/usr/src"}},
-    {"name": "bpfinit-podinfo", "downwardAPI": {"items": [
-        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
-]
-AGENT_VOLUME_MOUNTS: list[dict[str, Any]] = [
-    {"name": "bpfinit-bpffs", "mountPath": "/sys/fs/bpf"},
-    {"name": "bpfinit-cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": True},
-    {"name": "bpfinit-lib-modules", "mountPath": "/lib/modules", "readOnly": True},
-    {"name": "bpfinit-usr-src", "mountPath": "/usr/src", "readOnly": True},
-    {"name": "bpfinit-podinfo", "mountPath": PODINFO_DIR, "readOnly": True},
-]
-AGENT_ENV: list[dict[str, Any]] = [
-    {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
-    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-    {"name": "BPFINIT_POD_LABELS_FILE", "value": LABELS_FILE},
-]
-AGENT_ENV_NAMES = frozenset(e["name"] for e in AGENT_ENV)
+# (Functions, not constants: every patch gets fresh objects, no deepcopy needed.)
+def agent_volumes() -> list[dict[str, Any]]:
+    return [
+        {"name": "bpfinit-bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}},
+        {"name": "bpfinit-cgroup", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}},
+        # No `type`: a node without headers still starts the agent, which then reports
+        # the precise reason (headers are only needed when nothing is compiled yet).
+        {"name": "bpfinit-lib-modules", "hostPath": {"path": "/lib/modules"}},
+        {"name": "bpfinit-usr-src", "hostPath": {"path": "/usr/src"}},
+        {"name": "bpfinit-podinfo", "downwardAPI": {"items": [
+            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+    ]
+
+
+def agent_volume_mounts() -> list[dict[str, Any]]:
+    return [
+        {"name": "bpfinit-bpffs", "mountPath": "/sys/fs/bpf"},
+        {"name": "bpfinit-cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": True},
+        {"name": "bpfinit-lib-modules", "mountPath": "/lib/modules", "readOnly": True},
+        {"name": "bpfinit-usr-src", "mountPath": "/usr/src", "readOnly": True},
+        {"name": "bpfinit-podinfo", "mountPath": PODINFO_DIR, "readOnly": True},
+    ]
+
+
+def agent_env() -> list[dict[str, Any]]:
+    return [
+        {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "BPFINIT_POD_LABELS_FILE", "value": LABELS_FILE},
+    ]
+
+
+AGENT_ENV_NAMES = frozenset(e["name"] for e in agent_env())
 # Security-context fields kept from istio-init: they restrict, never widen.
 KEPT_SECURITY_FIELDS = ("seccompProfile", "seLinuxOptions", "appArmorProfile", "procMount")
 
@@ -149,18 +159,19 @@ def _agent_security_context(old: dict) -> dict:
 
 
 def _container_ops(base: str, old: dict, agent_args: list[str], image: str) -> list[dict]:
+    # Values may share istio-init's env entries/mounts: they are serialised, never mutated.
     env = [e for e in _as_list(old.get("env"))
-           if not (isinstance(e, dict) and e.get("name") in AGENT_ENV_NAMES)] + copy.deepcopy(AGENT_ENV)
+           if not (isinstance(e, dict) and e.get("name") in AGENT_ENV_NAMES)] + agent_env()
     mounts = _as_list(old.get("volumeMounts"))
     mount_names = {m.get("name") for m in mounts if isinstance(m, dict)}
     mount_paths = {m.get("mountPath") for m in mounts if isinstance(m, dict)}
-    new_mounts = copy.deepcopy(mounts) + [copy.deepcopy(m) for m in AGENT_VOLUME_MOUNTS
-                                         if m["name"] not in mount_names and m["mountPath"] not in mount_paths]
+    new_mounts = list(mounts) + [m for m in agent_volume_mounts()
+                                 if m["name"] not in mount_names and m["mountPath"] not in mount_paths]
     return [
         _set_op(old, "image", base + "/image", image),
         _set_op(old, "command", base + "/command", list(AGENT_COMMAND)),
         _set_op(old, "args", base + "/args", agent_args),
-        _set_op(old, "env", base + "/env", copy.deepcopy(env)),
+        _set_op(old, "env", base + "/env", env),
         _set_op(old, "securityContext", base + "/securityContext",
                 _agent_security_context(_as_dict(old.get("securityContext")))),
         _set_op(old, "volumeMounts", base + "/volumeMounts", new_mounts),
@@ -169,11 +180,11 @@ def _container_ops(base: str, old: dict, agent_args: list[str], image: str) -> l
 
 def _volume_ops(spec: dict) -> list[dict]:
     if "volumes" not in spec or not isinstance(spec.get("volumes"), list):
-        return [_set_op(spec, "volumes", "/spec/volumes", copy.deepcopy(AGENT_VOLUMES))]
+        return [_set_op(spec, "volumes", "/spec/volumes", agent_volumes())]
     present = {v.get("name") for v in spec["volumes"] if isinstance(v, dict)}
     # Pod volumes are a shared, unkeyed array: append, never overwrite.
-    return [{"op": "add", "path": "/spec/volumes/-", "value": copy.deepcopy(v)}
-            for v in AGENT_VOLUMES if v["name"] not in present]
+    return [{"op": "add", "path": "/spec/volumes/-", "value": v}
+            for v in agent_volumes() if v["name"] not in present]
 
 
 def _status_ops(pod: dict, record: dict) -> list[dict]:

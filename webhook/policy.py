@@ -8,19 +8,18 @@ implemented in `PolicySet.resolve`. Everything here except `PolicyStore`'s watch
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import ipaddress
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import yaml
 
-from initagent.flags import EgressRule, FlagError, parse_egress_allow, split_list
+from initagent.flags import EgressRule, FlagError, parse_egress_allow
 
 log = logging.getLogger("bpfinit.webhook.policy")
 

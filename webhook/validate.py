@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
-from initagent.flags import CaptureConfig, EgressRule, FlagError, parse, split_list
-from webhook.policy import VECTORS, Policy, PolicySet, Resolution, Settings
+from initagent.flags import CaptureConfig, FlagError, parse, split_list
+from webhook.policy import Policy, PolicySet, Resolution, Settings
 
 ANN_EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
 ANN_INCLUDE_CIDRS = "traffic.sidecar.istio.io/includeOutboundIPRanges"
@@ -542,6 +542,10 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings) -> 
     for container in init_containers:
         name = container.get("name")
         command = container.get("command") or []
+        if name in ("istio-init", "istio-validation") and not (
+                isinstance(command, list) and all(isinstance(c, str) for c in command)):
+            findings.append(_unverifiable(f"{name} command", "is not a list of strings"))
+            continue
         if name == "istio-validation":
             cap = _container_capture(container, name, findings, is_validation=True)
             skip.add(("initContainers", name))

@@ -127,6 +127,8 @@ def test_outbound_redirect_bypass_and_denial_through_haproxy(env, tmp_path):
         assert f["source"] == {"namespace": "shop", "pod_name": "client-7f9c",
                                "labels": ["k8s:app=client", "k8s:version=v1"]}
         assert f["Type"] == "L3_L4" and f["traffic_direction"] == "EGRESS"
+        # connect() runs before bind: observe fills in the pod's own address from the inbound address map
+        assert f["IP"]["source"] == pod.addr4 and f["bpfinit"]["source_unbound"] is True
     redirected, proxied, _, denied = flows
     assert redirected["bpfinit"]["redirected_to"] == {"ip": "127.0.0.1", "port": 15001}
     assert redirected["bpfinit"]["uid"] == 1000 and proxied["bpfinit"]["uid"] == 1337

@@ -199,3 +199,20 @@ def test_empty_allow_list_is_a_guard_that_allows_nothing():
 def test_wildcard_vectors():
     (policy,) = parse(policy_doc("p", "ns", allowedVectors=["*"])).policies
     assert policy.allowed_vectors == frozenset(VECTORS)
+
+
+def test_crd_manifest_is_a_valid_kubernetes_object_and_its_schema_accepts_the_sample():
+    import jsonschema
+    import kubernetes_validate
+
+    (crd,) = [d for d in yaml.safe_load_all(CRD.read_text()) if d]
+    kubernetes_validate.validate(crd, "1.30", strict=True)
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    (sample,) = [d for d in yaml.safe_load_all(REPO_SAMPLE.read_text()) if d]
+    jsonschema.validate(sample, schema)
+    typo = {**sample, "spec": {**sample["spec"], "allowedDestination": ["0.0.0.0/0"]}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(typo, schema)
+    bad_vector = {**sample, "spec": {**sample["spec"], "allowedVectors": ["everything"]}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad_vector, schema)

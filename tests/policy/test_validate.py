@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 
 from webhook.policy import PolicySet, parse_policy_documents
-from webhook.validate import ObjectError, evaluate, validate_review
+from webhook.validate import evaluate, validate_review
 
 from .corpus import (NAMESPACE, PRODUCER_LABELS, add_init_env, annotate, base_objects, init_container,
                      policy_doc, pod_template, review, set_init_arg, set_labels, swap_to_agent)

@@ -1,0 +1,113 @@
+"""Connect cost vs number of exclusion CIDRs (-x): bpfinit (LPM trie) vs istio-iptables rules (same run).
+
+A pod connects CONNECTS times (sequential connect+close) to a cluster address that is captured; the
+connection is redirected to a local accept-and-close listener on 15001. Each of N /32 exclusions is a
+non-matching `-d CIDR -j RETURN` rule for iptables and an LPM entry for bpfinit. Reports connections/s
+(median of REPEATS) and the ratio to N=0. Run as root: `.venv/bin/python bench/cidr_scale.py`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.podenv import Pod, bpffs_mount  # noqa: E402
+
+PY = sys.executable
+COUNTS = (0, 100, 1000, 10000)
+CONNECTS = 3000
+REPEATS = 3
+TARGET = "10.77.0.5"
+
+SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 15001)); s.listen(4096); print("READY", flush=True)
+while True:
+    c, _ = s.accept(); c.close()
+"""
+CLIENT = r"""
+import socket, sys, time
+n = int(sys.argv[2]); t = time.perf_counter()
+for _ in range(n):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.connect((sys.argv[1], 8080)); s.close()
+print(n / (time.perf_counter() - t))
+"""
+
+
+def cidrs(n: int) -> list[str]:
+    base = int(ipaddress.IPv4Address("100.64.0.0"))
+    return [f"{ipaddress.IPv4Address(base + i * 4)}/32" for i in range(n)]
+
+
+def iptables_rules(excludes: list[str]) -> str:
+    lines = ["*nat", ":ISTIO_REDIRECT - [0:0]", ":ISTIO_OUTPUT - [0:0]",
+             "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001", "-A OUTPUT -j ISTIO_OUTPUT",
+             "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
+             "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j RETURN",
+             "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN",
+             "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+             "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN"]
+    lines += [f"-A ISTIO_OUTPUT -d {c} -j RETURN" for c in excludes]
+    lines += ["-A ISTIO_OUTPUT -j ISTIO_REDIRECT", "COMMIT", ""]
+    return "\n".join(lines)
+
+
+def measure(pod) -> float:
+    rates = []
+    for _ in range(REPEATS):
+        r = pod.run([PY, "-c", CLIENT, TARGET, str(CONNECTS)], uid=1000, gid=1000, timeout=300)
+        assert r.returncode == 0, r.stderr
+        rates.append(float(r.stdout))
+    return statistics.median(rates)
+
+
+def main() -> int:
+    results = {"conditions": {"kernel": platform.release(), "connects_per_sample": CONNECTS, "repeats": REPEATS,
+                              "iptables": subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout.strip(),
+                              "method": "sequential connect+close from a pod (python), redirected to a local "
+                                        "accept-and-close listener on 15001; median of repeats"},
+               "bpfinit": {}, "iptables": {}}
+    with bpffs_mount() as bpffs:
+        for n in COUNTS:
+            excludes = cidrs(n)
+            for mode in ("bpfinit", "iptables"):
+                with Pod(f"sc{mode[:2]}") as pod:
+                    pod.cluster.add_address(TARGET)
+                    server = pod.popen([PY, "-c", SERVER], uid=1337, gid=1337)
+                    assert server.stdout.readline().strip() == "READY"
+                    if mode == "iptables":
+                        r = subprocess.run(["ip", "netns", "exec", pod.name, "iptables-restore", "--noflush"],
+                                           input=iptables_rules(excludes), capture_output=True, text=True)
+                    else:
+                        r = subprocess.run([PY, "-m", "initagent.cli", "setup", "-i", "*", "-x", ",".join(excludes),
+                                            "--cgroup", str(pod.cgroup), "--bpffs", str(bpffs), "--netns",
+                                            pod.netns_path], cwd=REPO, capture_output=True, text=True,
+                                           env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+                                                "BPFINIT_PARTS": "connect.c,sockops.c,getsockopt.c"})
+                    assert r.returncode == 0, r.stderr
+                    rate = measure(pod)
+                    results[mode][str(n)] = round(rate, 1)
+                    if mode == "bpfinit":
+                        subprocess.run([PY, "-m", "initagent.cli", "cleanup", "--bpffs", str(bpffs), "--netns",
+                                        pod.netns_path], cwd=REPO, capture_output=True)
+                    print(f"{mode:9s} N={n:6d}: {rate:8.0f} conn/s", flush=True)
+    for mode in ("bpfinit", "iptables"):
+        base = results[mode]["0"]
+        results[mode + "_ratio_vs_0"] = {k: round(v / base, 3) for k, v in results[mode].items()}
+    out = REPO / "bench" / "results" / "cidr_scale.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in results.items() if k.endswith("ratio_vs_0")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Datapath benchmark: sidecar redirection with istio-iptables vs bpfinit, against no mesh and the floor.
+
+Two "pods" (client, server; tests/podenv.py namespaces joined by a bridge), real components only:
+  A  nomesh   : wrk -> server app (HAProxy `http-request return`, the fastest app on this box)
+  F  floor    : wrk -> 127.0.0.1:15001 client HAProxy -> server:15006 server HAProxy -> 127.0.0.1:8080 app
+                (explicit proxies, no redirection at all: no redirection mechanism can beat this)
+  B  iptables : Istio's golden default rules (iptables-restore, nft backend) in both pods + HAProxy sidecars
+                following SO_ORIGINAL_DST (conntrack)
+  C  bpfinit  : `bpfinit-agent setup` in both pods + the same HAProxy sidecars
+  D  bpfinit+accel : C with --accelerate. On this kernel the splice(2) self-test fails (sockmap data is
+                invisible to splice), so D is run with BPFINIT_ACCEL_SKIP_SPLICE_CHECK=1 (HAProxy does not
+                splice here) and labelled as such.
+Both sidecars are in the path for F, B, C, D. Load: wrk keep-alive 16 connections, new connection per
+request (Connection: close) 16 connections, and 1 connection (unloaded latency). Configs interleaved,
+--runs rounds (>= 4). Output: bench/results/datapath-<ts>.json and .png (matplotlib, `pip install .[bench]`).
+Run as root:  .venv/bin/python bench/datapath.py [--runs 4] [--duration 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.datapath import agentrun  # noqa: E402
+from tests.podenv import Cluster, bpffs_mount  # noqa: E402
+
+CONFIGS = ["A_nomesh", "F_floor", "B_iptables", "C_bpfinit", "D_bpfinit_accel"]
+MODES = {"keepalive": ["-t2", "-c16"], "close": ["-t2", "-c16", "-H", "Connection: close"],
+         "1conn": ["-t1", "-c1"]}
+
+APP_CFG = """
+global
+    maxconn 8000
+    nbthread 1
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+frontend app
+    bind :::8080 v4v6
+    http-request return status 200 content-type text/plain string "hello from the app"
+"""
+
+SIDECAR_HEAD = """
+global
+    maxconn 8000
+    nbthread 1
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+"""
+# transparent sidecar: original destination from SO_ORIGINAL_DST (conntrack for B, bpfinit for C/D)
+SIDECAR_MESH = SIDECAR_HEAD + """
+frontend outbound
+    bind 127.0.0.1:15001
+    default_backend out
+backend out
+    server orig 0.0.0.0
+frontend inbound
+    bind 0.0.0.0:15006
+    default_backend inb
+backend inb
+    source 127.0.0.6
+    server orig 0.0.0.0
+"""
+# floor: the same two proxies, addressed explicitly
+SIDECAR_FLOOR = SIDECAR_HEAD + """
+frontend outbound
+    bind 127.0.0.1:15001
+    default_backend out
+backend out
+    server peer {server_ip}:15006
+frontend inbound
+    bind 0.0.0.0:15006
+    default_backend inb
+backend inb
+    server app 127.0.0.1:8080
+"""
+
+# Istio's default rules (contract §0: inbound-ports-wildcard.golden + the template's -i '*' and -d list)
+ISTIO_RULES = """*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_REDIRECT - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+COMMIT
+"""
+
+
+def host_busy_us() -> float:
+    """Busy CPU time of the whole host (all CPUs, steal excluded), in microseconds."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    steal = fields[7] if len(fields) > 7 else 0
+    return (sum(fields[:8]) - idle - steal) * 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_us(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(parts[11]) + int(parts[12])) * 1e6 / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+_LAT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def parse_wrk(out: str) -> dict:
+    def lat(text):
+        m = re.match(r"([\d.]+)(us|ms|s)", text)
+        return float(m.group(1)) * _LAT[m.group(2)] if m else None
+    res = {"rps": None, "avg_ms": None, "p50_ms": None, "p99_ms": None, "requests": 0, "errors": 0}
+    for line in out.splitlines():
+        s = line.split()
+        if line.strip().startswith("Latency") and len(s) >= 2 and res["avg_ms"] is None:
+            res["avg_ms"] = lat(s[1])
+        elif s[:1] == ["50%"]:
+            res["p50_ms"] = lat(s[1])
+        elif s[:1] == ["99%"]:
+            res["p99_ms"] = lat(s[1])
+        elif line.startswith("Requests/sec:"):
+            res["rps"] = float(s[1])
+        elif "requests in" in line:
+            res["requests"] = int(s[0])
+        elif "Non-2xx" in line or "Socket errors" in line:
+            res["errors"] += sum(int(x) for x in re.findall(r"\d+", line.split(":", 1)[1]))
+    return res
+
+
+def start_haproxy(pod, text: str, uid: int, tmp: Path, name: str):
+    cfg = tmp / f"{name}.cfg"
+    cfg.write_text(text)
+    cfg.chmod(0o644)
+    proc = pod.popen(["haproxy", "-db", "-f", str(cfg)], uid=uid, gid=uid,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc
+
+
+def wait_port(pod, host, port, timeout=5.0):
+    code = (f"import socket,time,sys\nd=time.monotonic()+{timeout}\n"
+            f"while time.monotonic()<d:\n  try:\n    socket.create_connection(('{host}',{port}),0.5).close();sys.exit(0)\n"
+            f"  except OSError: time.sleep(0.05)\nsys.exit(1)")
+    return pod.run([sys.executable, "-c", code], timeout=timeout + 5).returncode == 0
+
+
+def one_config(config: str, duration: float, bpffs: Path) -> dict:
+    results = {}
+    tmp = Path(tempfile.mkdtemp(prefix="bpfinit-bench-"))
+    tmp.chmod(0o755)
+    with Cluster() as cluster:
+        client, server = cluster.add_pod("bcl"), cluster.add_pod("bsv")
+        server.popen(["true"]).wait()
+        start_haproxy(server, APP_CFG, 1000, tmp, "app")
+        sidecars = []
+        if config == "B_iptables":
+            for pod in (client, server):
+                r = subprocess.run(["ip", "netns", "exec", pod.name, "iptables-restore", "--noflush"],
+                                   input=ISTIO_RULES, text=True, capture_output=True, timeout=30)
+                assert r.returncode == 0, r.stderr
+        if config in ("C_bpfinit", "D_bpfinit_accel"):
+            extra = ["--accelerate"] if config == "D_bpfinit_accel" else []
+            env = {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1"} if extra else {}
+            for pod in (client, server):
+                r = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + extra, env)
+                assert r.returncode == 0, r.stderr
+                if extra:
+                    assert "acceleration on" in r.stdout, r.stdout + r.stderr
+        if config != "A_nomesh":
+            text = SIDECAR_FLOOR.format(server_ip=server.addr4) if config == "F_floor" else SIDECAR_MESH
+            for pod in (client, server):
+                sidecars.append(start_haproxy(pod, text, 1337, tmp, f"sidecar-{pod.label}"))
+            assert wait_port(client, "127.0.0.1", 15001) and wait_port(server, server.addr4, 15006)
+        assert wait_port(server, "127.0.0.1", 8080)
+        url = "http://127.0.0.1:15001/" if config == "F_floor" else f"http://{server.addr4}:8080/"
+        check = client.run(["wrk", "-t1", "-c1", "-d1s", url], uid=1000, gid=1000, timeout=30)
+        assert parse_wrk(check.stdout)["requests"] > 0, check.stdout + check.stderr
+        for mode, args in MODES.items():
+            time.sleep(1.0)
+            load = Path("/proc/loadavg").read_text().split()[:3]
+            pids = [p.pid for p in sidecars]
+            h0, p0 = host_busy_us(), proc_cpu_us(pids)
+            out = client.run(["wrk", *args, f"-d{duration:g}s", "--latency", url], uid=1000, gid=1000,
+                             timeout=duration + 30)
+            h1, p1 = host_busy_us(), proc_cpu_us(pids)
+            r = parse_wrk(out.stdout)
+            n = max(1, r["requests"])
+            r.update(host_cpu_us_per_req=(h1 - h0) / n, proxy_cpu_us_per_req=(p1 - p0) / n if pids else 0.0,
+                     loadavg_before=load)
+            if config == "B_iptables" and mode == "close":
+                ct = subprocess.run(["ip", "netns", "exec", client.name, "cat", "/proc/net/nf_conntrack"],
+                                    capture_output=True, text=True)
+                r["client_conntrack_entries"] = len(ct.stdout.splitlines())
+            results[mode] = r
+    shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def summarize(runs: list[dict]) -> dict:
+    summary: dict = {}
+    for config in CONFIGS:
+        for mode in MODES:
+            rows = [r[config][mode] for r in runs if config in r and mode in r[config]]
+            if not rows:
+                continue
+            def mean(key):
+                vals = [row[key] for row in rows if row.get(key) is not None]
+                return statistics.mean(vals) if vals else None
+            summary.setdefault(config, {})[mode] = {
+                k: mean(k) for k in ("rps", "avg_ms", "p50_ms", "p99_ms", "host_cpu_us_per_req",
+                                     "proxy_cpu_us_per_req")}
+            summary[config][mode]["rps_runs"] = [row["rps"] for row in rows]
+            summary[config][mode]["errors"] = sum(row["errors"] for row in rows)
+    ratios: dict = {}
+    for config in CONFIGS:
+        for mode in ("keepalive", "close"):
+            try:
+                rps = summary[config][mode]["rps"]
+                ratios.setdefault(config, {})[mode] = {
+                    f"vs_{ref}": round(rps / summary[ref][mode]["rps"], 3)
+                    for ref in ("A_nomesh", "F_floor", "B_iptables")}
+            except (KeyError, TypeError, ZeroDivisionError):
+                pass
+        try:
+            ratios.setdefault(config, {})["p99_keepalive_vs_B"] = round(
+                summary[config]["keepalive"]["p99_ms"] / summary["B_iptables"]["keepalive"]["p99_ms"], 3)
+        except (KeyError, TypeError, ZeroDivisionError):
+            pass
+    return {"summary": summary, "ratios": ratios}
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing (pip install '.[bench]'): no plot", file=sys.stderr)
+        return False
+    summary = result["summary"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    labels = [c for c in CONFIGS if c in summary]
+    for ax, (mode, key, title) in zip(axes, [("keepalive", "rps", "RPS, keep-alive, 16 conns"),
+                                              ("close", "rps", "RPS, new conn per request, 16 conns"),
+                                              ("1conn", "p99_ms", "p99 latency ms, 1 conn")]):
+        vals = [summary[c][mode][key] or 0 for c in labels]
+        errs = [statistics.pstdev(summary[c][mode]["rps_runs"]) if key == "rps" else 0 for c in labels]
+        ax.bar(range(len(labels)), vals, yerr=errs, color=["#888", "#4a4", "#c44", "#44c", "#a4c"][:len(labels)])
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels([l.split("_", 1)[1] for l in labels], rotation=20)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"bpfinit datapath, {result['machine']['kernel']}, {result['machine']['cpus']} vCPU, "
+                 f"{result['runs']} interleaved runs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=4)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/datapath.py needs root (namespaces, bpf)", file=sys.stderr)
+        return 2
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        print(f"unknown configs: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    runs = []
+    started = time.time()
+    with bpffs_mount() as bpffs:
+        for i in range(args.runs):
+            order = configs if i % 2 == 0 else list(reversed(configs))   # interleaved, alternating order
+            run = {}
+            for config in order:
+                print(f"run {i + 1}/{args.runs} {config}", flush=True)
+                run[config] = one_config(config, args.duration, bpffs)
+            runs.append(run)
+    result = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                          "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
+                          "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
+              "runs": args.runs, "duration_s": args.duration, "started": started, "raw": runs}
+    result.update(summarize(runs))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"datapath-{stamp}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / f"datapath-{stamp}.png")
+    print(json.dumps({"summary": result["summary"], "ratios": result["ratios"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
