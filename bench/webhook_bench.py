@@ -199,7 +199,8 @@ def markdown(report: dict) -> str:
     target = report["target"]
     lines += ["", f"Target p99 <= {TARGET_P99_MS} ms at {TARGET_RATE} admissions/s: "
                   f"**{'met' if target['met'] else 'not met'}** (p99 {target['p99_ms']} ms at "
-                  f"{target['throughput_rps']} req/s).",
+                  f"{target['throughput_rps']} req/s, hey -c 4 -q 125; with -c 16 -q 31, i.e. synchronized bursts of 16, "
+                  f"p99 {target['bursty_c16_p99_ms']} ms).",
               "", f"Server-side handler time (webhook histogram, all runs): {report['server_handler']}",
               f"In-process cost per admission: {report['pure']}", ""]
     return "\n".join(lines)
@@ -232,12 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency in [int(c) for c in args.levels.split(",") if c]:
             report["runs"].append(run_level(url, bodies, concurrency, per_body, None))
             print(json.dumps(report["runs"][-1]), file=sys.stderr)
-        target = run_level(url, bodies, 16, per_body, TARGET_RATE)
-        report["runs"].append(target)
-        print(json.dumps(target), file=sys.stderr)
+        # hey's rate limit ticks every worker at the same instant: -c 16 -q 31 sends bursts of 16
+        # simultaneous requests every 32 ms (a worst case); -c 4 -q 125 is closer to independent arrivals.
+        target = run_level(url, bodies, 4, per_body, TARGET_RATE)
+        bursty = run_level(url, bodies, 16, per_body, TARGET_RATE)
+        for run in (target, bursty):
+            report["runs"].append(run)
+            print(json.dumps(run), file=sys.stderr)
         report["target"] = {"rate": TARGET_RATE, "p99_ms": target["p99_ms"],
                             "throughput_rps": target["throughput_rps"],
-                            "met": target["p99_ms"] <= TARGET_P99_MS and target["throughput_rps"] >= 0.95 * TARGET_RATE}
+                            "met": target["p99_ms"] <= TARGET_P99_MS and target["throughput_rps"] >= 0.95 * TARGET_RATE,
+                            "bursty_c16_p99_ms": bursty["p99_ms"]}
         report["server_handler"] = server_handler_stats(url)
         report["pure"] = measure_pure_mutation()
         report["conditions"]["loadavg_after"] = open("/proc/loadavg").read().split()[:3]

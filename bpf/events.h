@@ -25,7 +25,7 @@
  *  - netns_cookie: bpf_get_netns_cookie(ctx) where the hook has it; pass 0 where it does not (sk_lookup):
  *    user space names the pod from pod_idx (identity map), the cookie is only a cross-check.
  *  - record() is __always_inline: it costs no BPF-to-BPF call and no argument-count limit. Its stack
- *    use is one 8-byte key (the event is reserved in the ring buffer, not built on the stack).
+ *    use is under 40 bytes (the event is reserved in the ring buffer, not built on the stack).
  *  - Ports in struct flow_tuple/flow_event are HOST byte order; addresses are network byte order
  *    (IPv4 in addr[0], rest zero). The flow_from_* helpers do the per-context conversions (see
  *    datapath-measurements.md "each context stores ports differently").
@@ -40,7 +40,7 @@
  *    text, not in #included files (verified: an included helper compiles to "unknown opcode 8d").
  *    So the loader must expand local `#include "x.h"`/`"x.c"` textually before handing text to bcc.
  *  - Ring buffer needs kernel >= 5.8. Compile with -DBPFINIT_EVENTS_PERFBUF to use a perf buffer
- *    instead (initagent/observe.py: kernel_has_ringbuf() decides; `doctor` reports it).
+ *    instead; the loader adds it by itself (initagent/observe.py event_cflags()), `doctor` reports it.
  *  - Include order: maps.h includes this file's type half; the helper half appears once maps.h has
  *    been fully read (BPFINIT_MAPS_DONE, defined at the very end of maps.h). Including events.h again
  *    afterwards (bpfinit.c, connect.c, ...) is what makes record() available.

@@ -100,6 +100,9 @@ def delete_pod_entries(build: Build, pod_idx: int, entries: dict[str, list[tuple
         for key in keys:
             removed += bpfsys.map_delete(fd, key)
     bpfsys.map_delete(build.map_fd("pod_registry"), podconfig.U32.pack(pod_idx))
+    if build.has_map("obs_identity"):   # observability: identity, counters and bucket go with the pod
+        from initagent import identity
+        identity.forget(build.dir, pod_idx)
     return removed
 
 

@@ -6,13 +6,12 @@ the command name and errno text.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno as _errno
 import os
 import platform
 import struct
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the already-loaded libc (find_library would spawn ldconfig)
 _libc.syscall.restype = ctypes.c_long
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}[platform.machine()]
 
@@ -196,3 +195,16 @@ class Fd:
 
     def __int__(self):
         return self.fd
+
+
+ENABLE_STATS = 32
+
+
+def enable_run_time_stats() -> int:
+    """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): per-program run_time_ns/run_cnt while the returned fd is open."""
+    return _call(ENABLE_STATS, _attr("=I", 0), "ENABLE_STATS")
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) from bpf_prog_info."""
+    return struct.unpack_from("=QQ", obj_info(fd, 256), 192)

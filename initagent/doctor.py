@@ -79,6 +79,8 @@ def run_checks(bpffs: str = "/sys/fs/bpf") -> list[dict]:
         checks.append(_check("SO_NETNS_COOKIE", True, "supported"))
     except Exception as err:  # noqa: BLE001 - reported, not raised
         checks.append(_check("SO_NETNS_COOKIE", False, str(err)))
+    from initagent import observe  # observability: ring buffer or perf-buffer fallback
+    checks.append(_check(*observe.doctor_check()))
     return checks
 
 

@@ -100,6 +100,21 @@ def routes(exclude_interfaces: tuple[str, ...]) -> tuple[tuple, ...]:
     return tuple(out)
 
 
+def add_ipv6_passthrough_address() -> None:
+    """istio-iptables adds ::6/128 to lo for IPv6 pods (Envoy's inbound passthrough source binds it)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")
+        if not lo:
+            raise NetnsError("no lo interface in the pod netns")
+        try:
+            ipr.addr("add", index=lo[0], address="::6", prefixlen=128)
+        except NetlinkError as err:
+            if err.code != 17:  # EEXIST: a re-run
+                raise NetnsError(f"cannot add ::6/128 to lo: {err}") from None
+
+
 def gather(cfg: CaptureConfig) -> PodFacts:
     v4 = local_v4()
     v6 = local_v6()
@@ -110,6 +125,9 @@ def gather(cfg: CaptureConfig) -> PodFacts:
     global_v6 = [a for a, _ in v6 if not a.is_loopback and not a.is_link_local]
     # istio's getLocalIP: addresses are listed IPv4 first; the first usable one decides, unless dual-stack
     ipv6 = bool(global_v6) and (cfg.dual_stack or not global_v4)
+    if ipv6 and not any(a == ipaddress.IPv6Address("::6") for a, _ in v6):
+        add_ipv6_passthrough_address()
+        local.append(ipaddress.ip_network("::6/128"))
     groups = []
     names = cfg.owner_groups_include if cfg.owner_groups_include is not None else cfg.owner_groups_exclude
     for name in names:

@@ -50,6 +50,25 @@ def kernel_has_ringbuf() -> bool:
     return True
 
 
+def event_cflags() -> list[str]:
+    """Compile flags for bpf/events.h on this kernel (the loader adds them): perf buffer below 5.8."""
+    try:
+        return [] if kernel_has_ringbuf() else ["-DBPFINIT_EVENTS_PERFBUF"]
+    except (OSError, AttributeError, ImportError):
+        return ["-DBPFINIT_EVENTS_PERFBUF"]
+
+
+def doctor_check() -> tuple[str, bool, str]:
+    """For `bpfinit-agent doctor`: which event buffer this node gets. Both work; say which."""
+    try:
+        ring = kernel_has_ringbuf()
+    except (OSError, AttributeError, ImportError) as e:
+        return "event buffer", False, f"cannot probe BPF ring buffer support: {e}"
+    if ring:
+        return "event buffer", True, "BPF ring buffer (node-wide, ordered; kernel >= 5.8)"
+    return "event buffer", True, "perf buffer fallback (kernel < 5.8: per-CPU buffers, events unordered across CPUs)"
+
+
 def set_event_config(bpffs: Path | str, events: bool | None = None, rate: int | None = None,
                      burst: int | None = None) -> dict:
     """Change the event switch / per-pod rate limit on every program generation; returns the new config."""

@@ -93,8 +93,9 @@ class WebhookServer(BaseApplication):
             "timeout": 30,
             "graceful_timeout": 10,
             "loglevel": self.options.log_level,
-            "accesslog": "-" if self.options.access_log else None,
             "errorlog": "-",
+            # gunicorn's own lines (worker boot/exit, errors) in the same JSON format as ours.
+            "logconfig_dict": _gunicorn_log_config(self.options.log_level, self.options.access_log),
             "proc_name": "bpfinit-webhook",
             # gunicorn >= 24 opens a control socket in $HOME by default; several servers
             # (tests, replicas on one host) would fight over it and we do not use it.
@@ -111,6 +112,26 @@ class WebhookServer(BaseApplication):
         logs.configure(self.options.log_level)
         return create_app(WebhookSettings(agent_image=self.options.agent_image, cert_dir=self.options.cert_dir),
                           policy_store=self.policy_store)
+
+
+def _gunicorn_log_config(level: str, access_log: bool) -> dict:
+    # gunicorn shallow-merges this over its defaults, so the handler names it expects must exist.
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "root": {"level": "WARNING", "handlers": ["console"]},
+        "formatters": {"json": {"()": "webhook.logs.JsonFormatter"}},
+        "handlers": {"console": dict(handler), "error_console": dict(handler)},
+        "loggers": {
+            "gunicorn.error": {"level": level.upper(), "handlers": ["error_console"], "propagate": False,
+                               "qualname": "gunicorn.error"},
+            # With a logconfig gunicorn always emits access lines (at INFO): the level switches them off.
+            "gunicorn.access": {"level": "INFO" if access_log else "WARNING", "handlers": ["console"],
+                                "propagate": False,
+                                "qualname": "gunicorn.access"},
+        },
+    }
 
 
 def _bind_address(host: str, port: int) -> str:

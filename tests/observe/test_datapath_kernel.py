@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from initagent import counters, observe
+from initagent import counters
 from tests.observe.conftest import connect_many
 from tests.podenv import Pod, bpffs_mount, require_kernel
 
@@ -163,3 +162,24 @@ def test_dns_capture_is_counted_and_reported(env):
     assert f["l4"] == {"UDP": {"source_port": f["l4"]["UDP"]["source_port"], "destination_port": 53}}
     assert f["bpfinit"]["redirected_to"]["port"] == 15053 and f["IP"]["destination"] == pod.peer_addr4
     assert f["source"]["pod_name"] == "client-7f9c"
+
+
+def test_status_shows_counters_and_cleanup_forgets_them(env):
+    bpffs, pod = env
+    setup_agent(pod, bpffs, ["-x", f"{EXCLUDED}/32"])
+    assert connect_many(pod, EXCLUDED, 9, 2)["outcomes"] == {"ECONNREFUSED": 2}
+    cli = [sys.executable, "-m", "initagent.cli"]
+    res = subprocess.run(cli + ["status", "--all", "--json", "--bpffs", str(bpffs)], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert [(p["namespace"], p["pod"], p["totals"]["bypassed"]) for p in report["pods"]] == [("shop", "client-7f9c", 2)]
+    assert report["events"]["emitted"] == 2
+    res = subprocess.run(cli + ["status", "--bpffs", str(bpffs), "--netns", pod.netns_path], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert "decisions: redirected=0 captured=0 bypassed=2 denied=0 refused=0 dns=0" in res.stdout, res.stdout
+    assert "OUTBOUND  BYPASSED    excluded_cidr        2" in res.stdout
+    res = subprocess.run(cli + ["cleanup", "--bpffs", str(bpffs), "--netns", pod.netns_path], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert counters.pod_counters(bpffs) == []

@@ -155,3 +155,25 @@ def test_v1beta1_review_is_answered_in_v1beta1(webhook_server):
     assert verify_response(review, answer, mutating=True) == []
     assert answer["response"]["patchType"] == "JSONPatch"
     jsonpatch.apply_patch(pod, decode_patch(answer))
+
+
+def test_policy_allow_list_reaches_the_agent_flags(tmp_path):
+    """The real policy store (--policy FILE) gives the swapped agent its --egress-allow list."""
+    from tests.webhook.conftest import start_server
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: bpfinit.io/v1alpha1\nkind: EgressBypassPolicy\n"
+        "metadata: {name: allow-kafka, namespace: demo}\n"
+        "spec:\n  selector: {matchLabels: {app: hello}}\n  allowedDestinations: [172.20.0.0/16:9092]\n")
+    server = start_server(tmp_path, "--policy", str(policy), "--policy-crds", "off", workers=1)
+    try:
+        pod = pods_in_file(INJECTED / "hello.yaml.injected")[0]
+        after = jsonpatch.apply_patch(pod, decode_patch(server.review(pod_create_review(pod, namespace="demo"))))
+        _, agent = find(after["spec"]["initContainers"], "istio-init")
+        assert agent["args"][-2:] == ["--egress-allow", "172.20.0.0/16:9092"]
+        assert json.loads(after["metadata"]["annotations"]["bpfinit.io/status"])["egressGuard"] is True
+        other = jsonpatch.apply_patch(pod, decode_patch(server.review(pod_create_review(pod, namespace="elsewhere"))))
+        assert "--egress-allow" not in find(other["spec"]["initContainers"], "istio-init")[1]["args"]
+    finally:
+        server.stop()
