@@ -98,8 +98,7 @@ def main() -> int:
                     r = subprocess.run([PY, "-c", "import json,sys; from initagent import cli; "
                                         f"sys.exit(cli.main(json.load(open({str(argv_file)!r}))))"],
                                        cwd=REPO, capture_output=True, text=True,
-                                       env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(REPO),
-                                            "BPFINIT_PARTS": "connect.c,sockops.c,getsockopt.c"})
+                                       env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(REPO)})
                 finally:
                     argv_file.unlink()
                 assert r.returncode == 0, r.stderr

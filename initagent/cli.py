@@ -58,6 +58,10 @@ def cmd_setup(argv: list[str]) -> int:
     if cfg.cleanup_only:
         return cmd_cleanup(argv)
     if cfg.skip_rule_apply:
+        # istio-validation (CNI mode) = --skip-rule-apply --run-validation: only probe what is there
+        if cfg.run_validation:
+            from initagent import validation
+            return validation.run(cfg, ipv6=False)
         return 0
     from initagent import attach, cgroup, loader, netns, podconfig
     try:

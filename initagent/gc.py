@@ -1,9 +1,9 @@
 """`bpfinit-agent gc`: remove config entries and pins of pods whose cgroup no longer exists.
 
-Liveness is the pod cgroup id (the inode of its cgroup v2 dir): every pod cgroup is removed when the
-pod goes, and a cgroup id is never reused while... the walk sees the host's whole cgroup tree, so
-different mount views of the same tree agree. Also removes half-made pin dirs of killed setups and
-unreferenced registry entries of setups that died before committing.
+Liveness is the pod cgroup id (the inode of its cgroup v2 dir): the kubelet removes a pod's cgroup when
+the pod goes. The walk covers the host's whole cgroup v2 tree, so agents with different mount views of
+it agree. Also removes half-made pin dirs of killed setups and registry entries of setups that died
+before committing.
 """
 from __future__ import annotations
 
