@@ -24,7 +24,7 @@ from initagent import bpfsys, loader  # noqa: E402
 from tests.podenv import Pod, bpffs_mount  # noqa: E402
 
 PY = sys.executable
-COUNTS = (0, 100, 1000, 10000)
+COUNTS = tuple(int(x) for x in os.environ.get("BPFINIT_BENCH_COUNTS", "0,100,1000,10000").split(","))
 CONNECTS = 3000
 REPEATS = 5
 TARGET = "10.77.0.5"
@@ -127,7 +127,9 @@ def main() -> int:
         base = results[mode]["0"]
         results[mode + "_ratio_vs_0"] = {k: round(v / base, 3) for k, v in results[mode].items()}
     results["conditions"]["load_average_at_end"] = os.getloadavg()
-    out = REPO / "bench" / "results" / "cidr_scale.json"
+    results["conditions"]["order"] = list(COUNTS)
+    suffix = "" if list(COUNTS) == sorted(COUNTS) else "_desc"   # run both orders to expose drift
+    out = REPO / "bench" / "results" / f"cidr_scale{suffix}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k.endswith("ratio_vs_0")}))
     return 0

@@ -7,6 +7,7 @@
 #define ACT_DENY     3   /* egress guard: EPERM */
 
 #define IPPROTO_TCP_NUM 6
+#define NO_ID 0xffffffffu   /* pod_cfg.first_uid/first_gid when the list is empty */
 #define DNS_PORT 53
 
 struct out_req {
@@ -61,6 +62,8 @@ static __always_inline int in_loopback_cidr(const struct pod_cfg *cfg, const str
 static __always_inline int owner_rules(const struct pod_cfg *cfg, const struct out_req *r, int is_lo,
                                        __u32 kind, __u32 first, __u32 id, int *reason)
 {
+    if (first == NO_ID)
+        return -1;   /* an empty -u/-g list adds no rules at all */
     int dns = (cfg->flags & CFG_DNS_CAPTURE) != 0;
     /* 9a: hairpin; the uid variant also skips 53 when DNS capture is on */
     int hairpin_ok = is_lo && !in_loopback_cidr(cfg, r) && r->dport != cfg->inbound_tunnel_port &&

@@ -27,7 +27,7 @@ struct pod_cfg {
     __u16 inbound_capture_port;  /* -z */
     __u16 inbound_tunnel_port;   /* -e */
     __u16 dns_port;              /* 15053 */
-    __u32 first_uid;             /* first -u, host (init_user_ns) id */
+    __u32 first_uid;             /* first -u, host (init_user_ns) id; 0xffffffff = empty list */
     __u32 first_gid;             /* first -g, host id */
     __u32 loopback4_addr_be;     /* ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR */
     __u32 loopback4_mask_be;

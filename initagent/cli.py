@@ -96,9 +96,8 @@ def cmd_setup(argv: list[str]) -> int:
 
 
 def _parts_from_env():
-    """BPFINIT_PARTS=connect.c,sockops.c,... restricts the compiled parts (development aid)."""
-    value = os.environ.get("BPFINIT_PARTS", "")
-    return tuple(p for p in value.split(",") if p) or None
+    from initagent import loader
+    return loader.parts_from_env()
 
 
 def _own_args(argv: list[str], prog: str):

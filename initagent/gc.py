@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from initagent import attach, bpfsys, cgroup, loader, podconfig
 
+BUILD_GRACE_S = 600
 _STALE = re.compile(r"^ns-[0-9a-f]+_(new|old)_(\d+)$")
 
 
@@ -59,6 +61,23 @@ def collect(bpffs: str, cgroup2_root: str | None = None) -> dict:
                 if bpfsys.map_lookup(reg, podconfig.U32.pack(idx), podconfig.POD_INFO.size) is None:
                     bpfsys.map_delete(build.map_fd("pod_by_netns"), podconfig.U64.pack(cookie))
                     report["entries_removed"] += attach.delete_pod_entries(build, idx)
+    # program generations of older agent versions, once no pod uses them any more
+    try:
+        current = loader.build_hash(loader.expand_source(parts=loader.parts_from_env()))
+    except (OSError, loader.LoadError):
+        current = None
+    report["builds_removed"] = 0
+    for directory in loader.builds(bpffs):
+        if current is None or directory.name == current:
+            continue
+        # a newer agent may have just built it and not registered its first pod yet
+        if time.time() - (directory / "complete").stat().st_mtime < BUILD_GRACE_S:
+            continue
+        with loader.Build(directory, []) as build:
+            in_use = bpfsys.map_keys(build.map_fd("pod_registry"), 4, limit=1)
+        if not in_use:
+            shutil.rmtree(directory, ignore_errors=True)
+            report["builds_removed"] += 1
     root = attach.pods_root(bpffs)
     if root.is_dir():
         for d in root.iterdir():

@@ -228,6 +228,12 @@ def _compile_and_pin(text: str, directory: Path, programs: list[ProgSpec], heade
         bpf.cleanup()
 
 
+def parts_from_env() -> tuple[str, ...] | None:
+    """BPFINIT_PARTS=connect.c,sockops.c,... restricts the compiled parts (development aid)."""
+    value = os.environ.get("BPFINIT_PARTS", "")
+    return tuple(p for p in value.split(",") if p) or None
+
+
 def load(bpffs: str | Path, headers_dir: str = "", parts: tuple[str, ...] | None = None) -> Build:
     """Open the pinned build for the current sources, compiling it first if this node has none."""
     bpffs = Path(bpffs)

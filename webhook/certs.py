@@ -209,8 +209,25 @@ def _fingerprint(paths: CertPaths) -> tuple:
     return tuple(stats)
 
 
+# A connection that completes the TLS handshake but sends no request would hold one of
+# gunicorn's gthread threads in a blocking read forever (gthread only parks *idle keep-alive*
+# connections in its poller). Go clients, the apiserver included, do open such spare
+# connections (dial races, idle pools), and a handful of them stalled the whole worker in the
+# benchmark. Reads on a new connection therefore time out; the thread is freed and the socket
+# closed (Go clients transparently retry a request on a server-closed idle connection).
+FIRST_REQUEST_TIMEOUT_S = 3.0
+
+
+class _FirstRequestTimeoutContext(ssl.SSLContext):
+    def wrap_socket(self, sock, *args, **kwargs):
+        # gunicorn sets the socket back to plain blocking before each keep-alive request, which
+        # comes from its poller with data ready; the timeout only guards the first request.
+        sock.settimeout(FIRST_REQUEST_TIMEOUT_S)
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 def build_server_context(paths: CertPaths) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _FirstRequestTimeoutContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.0/1.1 are refused
     context.load_cert_chain(certfile=str(paths.tls_cert), keyfile=str(paths.tls_key))
     return context

@@ -71,7 +71,7 @@ def _add_serve(subparsers) -> None:
                        help="additional DNS name or IP for a self-made certificate (repeatable)")
     serve.add_argument("--workers", type=_positive_int, default=_env("BPFINIT_WEBHOOK_WORKERS", "2"),
                        help="gunicorn worker processes (default %(default)s)")
-    serve.add_argument("--threads", type=_positive_int, default=_env("BPFINIT_WEBHOOK_THREADS", "4"),
+    serve.add_argument("--threads", type=_positive_int, default=_env("BPFINIT_WEBHOOK_THREADS", "16"),
                        help="threads per worker (gthread; default %(default)s)")
     serve.add_argument("--metrics-dir", default=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
                        help="prometheus multiprocess directory, wiped at start "

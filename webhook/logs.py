@@ -58,3 +58,17 @@ def get_logger() -> logging.Logger:
 
 def level_from_env(default: str = "info") -> str:
     return os.environ.get("BPFINIT_WEBHOOK_LOG_LEVEL", default)
+
+
+class QuietIdleTimeouts(logging.Filter):
+    """gunicorn logs a traceback when a new connection sends no request in time (see
+    webhook.certs.FIRST_REQUEST_TIMEOUT_S); that is routine, so say it in one debug line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TimeoutError):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "closed a connection that sent no request in time", (), None, None)
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return record.name != "gunicorn.error" or logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True

@@ -31,7 +31,7 @@ class ServerOptions:
     cert_dir: str = "run/certs"
     agent_image: str = ""
     workers: int = 2
-    threads: int = 4
+    threads: int = 16
     metrics_dir: str | None = None
     log_level: str = "info"
     access_log: bool = False
@@ -122,7 +122,8 @@ def _gunicorn_log_config(level: str, access_log: bool) -> dict:
         "disable_existing_loggers": False,
         "root": {"level": "WARNING", "handlers": ["console"]},
         "formatters": {"json": {"()": "webhook.logs.JsonFormatter"}},
-        "handlers": {"console": dict(handler), "error_console": dict(handler)},
+        "filters": {"quiet_idle": {"()": "webhook.logs.QuietIdleTimeouts"}},
+        "handlers": {"console": dict(handler), "error_console": {**handler, "filters": ["quiet_idle"]}},
         "loggers": {
             "gunicorn.error": {"level": level.upper(), "handlers": ["error_console"], "propagate": False,
                                "qualname": "gunicorn.error"},

@@ -67,3 +67,19 @@ def test_excluded_interface_routes_bypass(build, bpffs):
         assert where(connect(pod, "10.61.0.5", 8080)) == "peer"    # static route via eth1
         assert where(connect(pod, "10.62.0.5", 8080)) == "proxy"   # default route via eth0
         run_agent(["cleanup", "--bpffs", str(bpffs), "--netns", pod.netns_path])
+
+
+def test_empty_uid_list_adds_no_owner_rules(build, bpffs):
+    """`-u ,` (an empty list after Istio's split) means no uid/gid rules: the app's connection to the
+    pod's own address is then captured (no `-o lo ! --uid-owner` RETURN), as istio-iptables would do."""
+    with Pod("nouid") as pod:
+        serve(pod.popen, "app", "0.0.0.0", 8080)
+        proxy = pod.popen([PYTHON, PROBE, "serve", "--name", "proxy", "--bind", "0.0.0.0", "--port", "15001"],
+                          uid=1337, gid=1337)
+        assert proxy.stdout.readline().strip() == "READY"
+        r = run_agent(["setup", "-i", "*", "-u", ",", "-g", ",", "--cgroup", str(pod.cgroup), "--bpffs",
+                       str(bpffs), "--netns", pod.netns_path])
+        assert r.returncode == 0, r.stderr
+        assert where(connect(pod, pod.addr4, 8080)) == "proxy"
+        assert where(connect(pod, "127.0.0.1", 8080)) == "app"    # the loopback CIDR still returns
+        run_agent(["cleanup", "--bpffs", str(bpffs), "--netns", pod.netns_path])
