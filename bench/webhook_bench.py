@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--seconds", type=float, default=12.0, help="duration per concurrency level (default 12)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--levels", default="1,16,64", help="closed-loop concurrency levels (default 1,16,64)")
     parser.add_argument("--output", default=str(RESULTS / "webhook.json"))
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -210,24 +211,52 @@ def _fingerprint(paths: CertPaths) -> tuple:
 
 
 # A connection that completes the TLS handshake but sends no request would hold one of
-# gunicorn's gthread threads in a blocking read forever (gthread only parks *idle keep-alive*
-# connections in its poller). Go clients, the apiserver included, do open such spare
-# connections (dial races, idle pools), and a handful of them stalled the whole worker in the
-# benchmark. Reads on a new connection therefore time out; the thread is freed and the socket
-# closed (Go clients transparently retry a request on a server-closed idle connection).
-FIRST_REQUEST_TIMEOUT_S = 3.0
+# gunicorn's gthread threads in a blocking read (gthread parks only *keep-alive* connections
+# in its poller, a new one is read by a pool thread). Go clients, the apiserver included,
+# open such spare connections (dial races, idle pools); in the benchmark a few of them stalled
+# whole workers. So: the handshake and every read have a timeout, and the wait for the first
+# request byte after the handshake is short. A timed-out socket is closed and its thread freed
+# (Go clients transparently retry a request on a server-closed idle connection).
+READ_TIMEOUT_S = 10.0
+FIRST_REQUEST_TIMEOUT_S = 1.0
 
 
-class _FirstRequestTimeoutContext(ssl.SSLContext):
+class _FirstRequestGuardedSocket(ssl.SSLSocket):
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if getattr(self, "_first_read_done", False):
+            return super().recv(buflen, flags)
+        self._first_read_done = True
+        if self.pending():
+            return super().recv(buflen, flags)
+        previous = self.gettimeout()
+        self.settimeout(FIRST_REQUEST_TIMEOUT_S)
+        try:
+            return super().recv(buflen, flags)
+        except TimeoutError:
+            # Shut both directions now: gunicorn then closes the socket without its graceful
+            # linger, which waits for the peer on the worker's main (poller) thread.
+            try:
+                socket.socket.shutdown(self, socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise
+        finally:
+            if self.fileno() != -1:
+                self.settimeout(previous)
+
+
+class _GuardedContext(ssl.SSLContext):
+    sslsocket_class = _FirstRequestGuardedSocket
+
     def wrap_socket(self, sock, *args, **kwargs):
-        # gunicorn sets the socket back to plain blocking before each keep-alive request, which
-        # comes from its poller with data ready; the timeout only guards the first request.
-        sock.settimeout(FIRST_REQUEST_TIMEOUT_S)
+        # gunicorn sets the socket back to plain blocking before each keep-alive request; those
+        # come from its poller with data ready, so only a new connection needs the guard.
+        sock.settimeout(READ_TIMEOUT_S)
         return super().wrap_socket(sock, *args, **kwargs)
 
 
 def build_server_context(paths: CertPaths) -> ssl.SSLContext:
-    context = _FirstRequestTimeoutContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _GuardedContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.0/1.1 are refused
     context.load_cert_chain(certfile=str(paths.tls_cert), keyfile=str(paths.tls_key))
     return context

@@ -5,6 +5,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -191,3 +192,38 @@ def test_cli_bad_flag_values_are_usage_errors(tmp_path):
     result = run_cli("serve", "--help", cwd=tmp_path)
     assert result.returncode == 0 and "--agent-image" in result.stdout and "--cert-dir" in result.stdout
     assert sys.executable
+
+
+def test_idle_tls_connections_cannot_starve_the_worker(tmp_path):
+    """Connections that handshake and then send nothing (Go clients keep spare ones) must not hold all of
+    gthread's threads: the server closes them after FIRST_REQUEST_TIMEOUT_S and keeps answering."""
+    server = start_server(tmp_path, "--threads", "2", workers=1)
+    context = client_context(server.ca)
+    closed_by_server: list[bool] = []
+
+    def idle_client() -> None:
+        # Like Go's idle connection: handshake, never send, notice the server's close and close too.
+        try:
+            with handshake(server.port, context, "127.0.0.1") as tls:
+                tls.settimeout(30)
+                closed_by_server.append(tls.recv(1) == b"")
+        except (ssl.SSLError, OSError):
+            closed_by_server.append(True)
+
+    idle = [threading.Thread(target=idle_client) for _ in range(6)]   # three times the thread count
+    try:
+        started = time.monotonic()
+        for thread in idle:
+            thread.start()
+        time.sleep(0.2)
+        with handshake(server.port, context, "127.0.0.1") as busy:
+            assert http_get(busy, "/healthz").startswith(b"HTTP/1.1 200")
+        # Each idle connection holds a thread for about FIRST_REQUEST_TIMEOUT_S (6 idle / 2 threads),
+        # plus slack for a loaded machine; without the guard this request never gets a thread.
+        assert time.monotonic() - started < certs.FIRST_REQUEST_TIMEOUT_S * (6 / 2 + 1) + 4
+        for thread in idle:
+            thread.join(timeout=30)
+        assert closed_by_server == [True] * 6
+        assert not [line for line in server.log_lines() if line.get("level") == "error"]
+    finally:
+        server.stop()
