@@ -18,15 +18,14 @@ Run as root:  .venv/bin/python bench/datapath.py [--runs 4] [--duration 5]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.datapath import agentrun  # noqa: E402
 from tests.podenv import Cluster, bpffs_mount  # noqa: E402
+from tests.sidecar import HAProxy, sidecar_config  # noqa: E402
 
 CONFIGS = ["A_nomesh", "F_floor", "B_iptables", "C_bpfinit", "D_bpfinit_accel"]
 MODES = {"keepalive": ["-t2", "-c16"], "close": ["-t2", "-c16", "-H", "Connection: close"],
@@ -54,44 +54,16 @@ frontend app
     http-request return status 200 content-type text/plain string "hello from the app"
 """
 
-SIDECAR_HEAD = """
-global
-    maxconn 8000
-    nbthread 1
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-"""
 # transparent sidecar: original destination from SO_ORIGINAL_DST (conntrack for B, bpfinit for C/D)
-SIDECAR_MESH = SIDECAR_HEAD + """
-frontend outbound
-    bind 127.0.0.1:15001
-    default_backend out
-backend out
-    server orig 0.0.0.0
-frontend inbound
-    bind 0.0.0.0:15006
-    default_backend inb
-backend inb
-    source 127.0.0.6
-    server orig 0.0.0.0
-"""
-# floor: the same two proxies, addressed explicitly
-SIDECAR_FLOOR = SIDECAR_HEAD + """
-frontend outbound
-    bind 127.0.0.1:15001
-    default_backend out
-backend out
-    server peer {server_ip}:15006
-frontend inbound
-    bind 0.0.0.0:15006
-    default_backend inb
-backend inb
-    server app 127.0.0.1:8080
-"""
+SIDECAR_MESH = sidecar_config(inbound_port=15006, http=True, inbound_ipv6=False, reuse_upstream=True, maxconn=8000)
+
+
+def sidecar_floor(server_ip: str) -> str:
+    """The floor: the same two proxies, addressed explicitly (no original destination involved)."""
+    return sidecar_config(inbound_port=15006, http=True, outbound_server=f"{server_ip}:15006",
+                          inbound_server="127.0.0.1:8080", inbound_source=None, inbound_ipv6=False,
+                          reuse_upstream=True, maxconn=8000)
+
 
 # Istio's default rules (contract §0: inbound-ports-wildcard.golden + the template's -i '*' and -d list)
 ISTIO_RULES = """*nat
@@ -165,30 +137,12 @@ def parse_wrk(out: str) -> dict:
     return res
 
 
-def start_haproxy(pod, text: str, uid: int, tmp: Path, name: str):
-    cfg = tmp / f"{name}.cfg"
-    cfg.write_text(text)
-    cfg.chmod(0o644)
-    proc = pod.popen(["haproxy", "-db", "-f", str(cfg)], uid=uid, gid=uid,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc
-
-
-def wait_port(pod, host, port, timeout=5.0):
-    code = (f"import socket,time,sys\nd=time.monotonic()+{timeout}\n"
-            f"while time.monotonic()<d:\n  try:\n    socket.create_connection(('{host}',{port}),0.5).close();sys.exit(0)\n"
-            f"  except OSError: time.sleep(0.05)\nsys.exit(1)")
-    return pod.run([sys.executable, "-c", code], timeout=timeout + 5).returncode == 0
-
-
 def one_config(config: str, duration: float, bpffs: Path) -> dict:
     results = {}
-    tmp = Path(tempfile.mkdtemp(prefix="bpfinit-bench-"))
-    tmp.chmod(0o755)
-    with Cluster() as cluster:
+    with Cluster() as cluster, contextlib.ExitStack() as proxies:
         client, server = cluster.add_pod("bcl"), cluster.add_pod("bsv")
         server.popen(["true"]).wait()
-        start_haproxy(server, APP_CFG, 1000, tmp, "app")
+        proxies.enter_context(HAProxy(server, APP_CFG, uid=1000, name="app"))   # ready when listening
         sidecars = []
         if config == "B_iptables":
             for pod in (client, server):
@@ -204,11 +158,9 @@ def one_config(config: str, duration: float, bpffs: Path) -> dict:
                 if extra:
                     assert "acceleration on" in r.stdout, r.stdout + r.stderr
         if config != "A_nomesh":
-            text = SIDECAR_FLOOR.format(server_ip=server.addr4) if config == "F_floor" else SIDECAR_MESH
+            text = sidecar_floor(server.addr4) if config == "F_floor" else SIDECAR_MESH
             for pod in (client, server):
-                sidecars.append(start_haproxy(pod, text, 1337, tmp, f"sidecar-{pod.label}"))
-            assert wait_port(client, "127.0.0.1", 15001) and wait_port(server, server.addr4, 15006)
-        assert wait_port(server, "127.0.0.1", 8080)
+                sidecars.append(proxies.enter_context(HAProxy(pod, text, name=f"sidecar-{pod.label}")))
         url = "http://127.0.0.1:15001/" if config == "F_floor" else f"http://{server.addr4}:8080/"
         check = client.run(["wrk", "-t1", "-c1", "-d1s", url], uid=1000, gid=1000, timeout=30)
         assert parse_wrk(check.stdout)["requests"] > 0, check.stdout + check.stderr
@@ -229,7 +181,6 @@ def one_config(config: str, duration: float, bpffs: Path) -> dict:
                                     capture_output=True, text=True)
                 r["client_conntrack_entries"] = len(ct.stdout.splitlines())
             results[mode] = r
-    shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 

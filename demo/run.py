@@ -32,7 +32,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# the demo's pod is the test fixture's (netns + cgroup), and so is its sidecar
 from tests.podenv import Cluster, bpffs_mount  # noqa: E402
+from tests.sidecar import HAProxy, sidecar_config  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 NAMESPACE = "high-performance-app"          # the sample policy's namespace
@@ -86,7 +88,7 @@ def webhook_server(workdir: Path):
     cert_dir = workdir / "certs"
     certs.ensure_certificates(cert_dir, certs.default_sans("bpfinit-webhook", "bpfinit-system"))
     port = free_port()
-    policy = REPO / "manifests/base/sample-policy.yaml"
+    policy = REPO / "manifests/examples/sample-policy.yaml"
     proc = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(port), str(cert_dir), str(policy)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "webhook.log", "w"))
     base = f"https://127.0.0.1:{port}"
@@ -149,21 +151,6 @@ def mutate_and_validate(base: str, ca: str) -> list[str]:
 
 # ---- 3/4. the local pod ----------------------------------------------------------------------------
 
-HAPROXY_CFG = """global
-  maxconn 256
-defaults
-  mode tcp
-  timeout connect 2s
-  timeout client 10s
-  timeout server 10s
-frontend outbound
-  bind 127.0.0.1:15001
-  default_backend original_destination
-backend original_destination
-  # 0.0.0.0:0 = connect to the client's original destination (SO_ORIGINAL_DST, answered by bpfinit)
-  server original 0.0.0.0:0
-"""
-
 SERVER = """
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
@@ -189,9 +176,9 @@ except OSError as e:
 """
 
 
-def run_pod(command: list[str], workdir: Path) -> dict:
+def run_pod(command: list[str]) -> dict:
     results = {}
-    with bpffs_mount() as bpffs, Cluster() as cluster:
+    with bpffs_mount() as bpffs, Cluster() as cluster, contextlib.ExitStack() as sidecar:
         pod = cluster.add_pod("demo")
         for addr in (SERVICE_ADDR, KAFKA_ADDR):
             cluster.add_address(addr)
@@ -209,12 +196,8 @@ def run_pod(command: list[str], workdir: Path) -> dict:
         if setup.returncode != 0:
             raise RuntimeError(f"bpfinit-agent setup failed ({setup.returncode})")
         say("sidecar: HAProxy as uid 1337")
-        cfg = workdir / "haproxy.cfg"
-        cfg.write_text(HAPROXY_CFG)
-        cfg.chmod(0o644)
-        workdir.chmod(0o755)
-        pod.popen(["haproxy", "-f", str(cfg), "-db"], uid=PROXY_UID, gid=PROXY_UID)
-        wait_until(lambda: pod.run(["ss", "-Hltn", "sport = :15001"]).stdout.strip(), "HAProxy listening")
+        # `server orig 0.0.0.0`: HAProxy connects to the original destination (SO_ORIGINAL_DST, from bpfinit)
+        sidecar.enter_context(HAProxy(pod, sidecar_config(), uid=PROXY_UID))
         print("haproxy listening on 127.0.0.1:15001")
         wait_until(lambda: "OK" in cluster.run([sys.executable, "-c", CLIENT, KAFKA_ADDR, "9092"]).stdout,
                    "the demo servers")
@@ -263,7 +246,7 @@ def main() -> int:
             print(f"webhook ready at {base}")
             say("admission: Istio's injected pod -> bpfinit")
             command = mutate_and_validate(base, ca)
-        results = run_pod(command, workdir)
+        results = run_pod(command)
     except (RuntimeError, OSError, subprocess.SubprocessError, requests.RequestException, KeyError) as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         log = workdir / "webhook.log"

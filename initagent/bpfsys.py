@@ -8,12 +8,11 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-import platform
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the already-loaded libc (find_library would spawn ldconfig)
 _libc.syscall.restype = ctypes.c_long
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}[platform.machine()]
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}[os.uname().machine]
 
 # commands
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4

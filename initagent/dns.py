@@ -12,7 +12,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from initagent.inbound import CFG_CAPTURE_ALL_DNS, CFG_DNS_CAPTURE, CIDR_DNS_SERVER
+from initagent.podconfig import CFG_CAPTURE_ALL_DNS, CFG_DNS_CAPTURE, CIDR_DNS_SERVER
 
 DNS_PORT = 53
 

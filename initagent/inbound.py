@@ -10,28 +10,19 @@ unique on a node). Link-local addresses are left out (not unique); TCP to them i
 """
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import struct
-from dataclasses import dataclass
 from typing import Iterable, Mapping
+
+from initagent import bpfsys
+# maps.h mirrors live in podconfig (one place); re-exported here for the inbound/DNS code and its tests
+from initagent.podconfig import (CFG_ACCELERATE, CFG_CAPTURE_ALL_DNS, CFG_DNS_CAPTURE,  # noqa: F401
+                                 CFG_INBOUND_ALL, CFG_INBOUND_LIST, CFG_VIRT_IFACES, CIDR_DNS_SERVER, IFACE_EXCLUDE,
+                                 IFACE_VIRT, PORT_IN_EXCLUDE, PORT_IN_INCLUDE, id_key, inbound_flags)
 
 AF_INET = 2
 AF_INET6 = 10
-
-# bpf/maps.h: core pod_cfg.flags bits this part owns, and the inbound section
-CFG_DNS_CAPTURE = 1 << 5
-CFG_CAPTURE_ALL_DNS = 1 << 6
-CFG_ACCELERATE = 1 << 7
-CFG_INBOUND_ALL = 1 << 8
-CFG_INBOUND_LIST = 1 << 9
-CFG_VIRT_IFACES = 1 << 16
-PORT_IN_INCLUDE = 16
-PORT_IN_EXCLUDE = 17
-IFACE_EXCLUDE = 18
-IFACE_VIRT = 19
-CIDR_DNS_SERVER = 16
 BI_ADDR_VIRT_TO_PROXY = 1
 
 Row = tuple[str, bytes, bytes]
@@ -46,11 +37,6 @@ def addr_key(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     """struct bi_addr_key: u32 family + 16 address bytes (network order, IPv4 in the first 4)."""
     family = AF_INET if addr.version == 4 else AF_INET6
     return struct.pack("<I", family) + addr.packed.ljust(16, b"\0")
-
-
-def id_key(pod_idx: int, kind: int, value: int) -> bytes:
-    """struct id_key {pod_idx, kind, value} of the core's pod_ids map."""
-    return struct.pack("<III", pod_idx, kind, value)
 
 
 def capturable_addresses(addresses: Iterable[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -69,18 +55,6 @@ def virt_to_proxy(cfg, addr) -> bool:
     if cfg.outbound_include_all:
         return True
     return any(addr.version == net.version and addr in net for net in cfg.outbound_include_cidrs)
-
-
-def inbound_flags(cfg) -> int:
-    """pod_cfg.flags bits for inbound capture."""
-    flags = 0
-    if cfg.inbound_all:
-        flags |= CFG_INBOUND_ALL
-    elif cfg.inbound_ports:
-        flags |= CFG_INBOUND_LIST
-    if cfg.kube_virt_interfaces:
-        flags |= CFG_VIRT_IFACES
-    return flags
 
 
 def inbound_entries(cfg, pod_idx: int, netns_cookie: int, addresses: Iterable[str],
@@ -104,12 +78,11 @@ def inbound_entries(cfg, pod_idx: int, netns_cookie: int, addresses: Iterable[st
 
 def entry_provider(cfg, pod_idx: int, facts) -> dict[str, list[tuple[bytes, bytes]]]:
     """podconfig.ENTRY_PROVIDERS hook: inbound + DNS rows for the pod whose netns the agent is in."""
-    import socket
-
     from initagent import dns, netns
     addresses = [str(net.network_address) for net in facts.local_networks
                  if net.prefixlen == net.max_prefixlen]
-    ifindex = {name: idx for idx, name in socket.if_nameindex()}
+    nics = (*cfg.exclude_interfaces, *cfg.kube_virt_interfaces)
+    ifindex = {nic: idx for nic in nics if (idx := netns.interface_index(nic))}
     out: dict[str, list[tuple[bytes, bytes]]] = {}
     for name, key, value in inbound_entries(cfg, pod_idx, netns.cookie(), addresses, ifindex):
         out.setdefault(name, []).append((key, value))
@@ -126,34 +99,7 @@ def register() -> None:
         podconfig.ENTRY_PROVIDERS.append(entry_provider)
 
 
-# ---------------------------------------------------------------- kernel side (raw bpf(2), netns link)
-_SYS_BPF = 321
-BPF_OBJ_PIN = 6
-BPF_OBJ_GET = 7
-BPF_LINK_CREATE = 28
-BPF_SK_LOOKUP = 36
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _bpf(cmd: int, attr: bytes) -> int:
-    buf = ctypes.create_string_buffer(attr, 128)
-    ret = _libc.syscall(_SYS_BPF, cmd, buf, 128)
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
-
-
-def obj_pin(fd: int, path: str) -> None:
-    name = ctypes.create_string_buffer(path.encode())
-    _bpf(BPF_OBJ_PIN, struct.pack("QII", ctypes.addressof(name), fd, 0))
-
-
-def obj_get(path: str) -> int:
-    name = ctypes.create_string_buffer(path.encode())
-    return _bpf(BPF_OBJ_GET, struct.pack("QII", ctypes.addressof(name), 0, 0))
-
-
+# ---------------------------------------------------------------- kernel side (netns link)
 def link_netns(prog_fd: int, netns_path: str, pin_path: str) -> None:
     """Attach sk_lookup to the netns and pin the link (idempotent: an existing pin is kept)."""
     if os.path.exists(pin_path):
@@ -164,15 +110,15 @@ def link_netns(prog_fd: int, netns_path: str, pin_path: str) -> None:
     except OSError as exc:
         raise InboundError(f"cannot open netns {netns_path}: {exc.strerror}") from None
     try:
-        link_fd = _bpf(BPF_LINK_CREATE, struct.pack("IIII", prog_fd, ns_fd, BPF_SK_LOOKUP, 0))
+        link_fd = bpfsys.link_create(prog_fd, ns_fd, bpfsys.ATTACH["sk_lookup"])
     except OSError as exc:
-        raise InboundError(f"sk_lookup link on {netns_path} failed: {exc.strerror} "
+        raise InboundError(f"sk_lookup link on {netns_path} failed: {os.strerror(exc.errno)} "
                            "(needs Linux >= 5.9 and CAP_BPF+CAP_NET_ADMIN)") from None
     finally:
         os.close(ns_fd)
     try:
-        obj_pin(link_fd, pin_path)
+        bpfsys.obj_pin(link_fd, pin_path)
     except OSError as exc:
-        raise InboundError(f"cannot pin sk_lookup link at {pin_path}: {exc.strerror}") from None
+        raise InboundError(f"cannot pin sk_lookup link at {pin_path}: {os.strerror(exc.errno)}") from None
     finally:
         os.close(link_fd)

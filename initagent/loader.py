@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import hashlib
 import importlib.util
 import os
-import platform
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from initagent import bpfsys
+from initagent.digest import sha256
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 MAIN_SOURCE = "bpfinit.c"
@@ -87,10 +85,21 @@ def expand_source(bpf_dir: Path = BPF_DIR, parts: tuple[str, ...] | None = None)
     return expand(bpf_dir / MAIN_SOURCE, 0)
 
 
+_INT_FUNCTION = re.compile(r"int\s+(\w+)\s*\(")
+
+
+def defined_int_functions(text: str) -> set[str]:
+    """Names in `int NAME(` where `int` stands as a word of its own. One regex pass, with the word check
+    done in Python: a leading word-boundary assertion makes re scan the ~100 KB source ~10x slower, and
+    warm setup runs this."""
+    return {m.group(1) for m in _INT_FUNCTION.finditer(text)
+            if m.start() == 0 or not (text[m.start() - 1].isalnum() or text[m.start() - 1] == "_")}
+
+
 def programs_in(text: str, parts: tuple[str, ...] | None = None, bpf_dir: Path = BPF_DIR) -> list[ProgSpec]:
+    defined = defined_int_functions(text)
     return [p for p in PROGRAMS
-            if (parts is None or p.part in parts) and (bpf_dir / p.part).exists()
-            and re.search(rf"\bint\s+{re.escape(p.name)}\s*\(", text)]
+            if (parts is None or p.part in parts) and p.name in defined and (bpf_dir / p.part).exists()]
 
 
 def bcc_version() -> str:
@@ -107,8 +116,8 @@ def bcc_version() -> str:
 
 
 def build_hash(text: str, release: str | None = None, bcc: str | None = None) -> str:
-    digest = hashlib.sha256()
-    for part in (text, release or platform.release(), bcc or bcc_version()):
+    digest = sha256()
+    for part in (text, release or os.uname().release, bcc or bcc_version()):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -158,6 +167,7 @@ def _remove_tree(path: Path) -> None:
     """rm -r for bpffs (unlink pins, rmdir dirs)."""
     if not path.exists():
         return
+    import shutil  # cold path only
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -8,11 +8,13 @@ events.h so the two cannot drift apart.
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from initagent import bpfsys
+from initagent.bpfsys import BPF_ANY, BPF_NOEXIST, BpfError  # noqa: F401 (re-exported for observers)
 
 # ---------------------------------------------------------------- ABI mirrored from bpf/events.h
 DIR_NAMES = {0: "UNKNOWN", 1: "OUTBOUND", 2: "INBOUND", 3: "DNS"}
@@ -82,92 +84,24 @@ def event_address(raw, family: int) -> str:
     return str(ipaddress.IPv4Address(data[:4]))
 
 
-# ---------------------------------------------------------------- bpf(2) for pins
-class BpfError(Exception):
-    """A bpf(2) operation failed; the message says which object and why."""
-
-
-_SYS_BPF = 321  # x86_64
-BPF_OBJ_PIN, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD = 6, 7, 15
-BPF_ANY, BPF_NOEXIST = 0, 1
+# ---------------------------------------------------------------- pinned maps (raw bpf(2) via bpfsys)
 MAP_TYPE_NAMES = {1: "hash", 2: "array", 4: "perf_event_array", 5: "percpu_hash", 6: "percpu_array",
                   27: "ringbuf"}
 PERCPU_TYPES = {5, 6, 10}
 
-_libc = ct.CDLL(None, use_errno=True)
-_libc.syscall.restype = ct.c_long
-
-
-def _libbcc():
-    # libbcc exports the element operations (bpf_lookup_elem & co) and the ring-buffer consumer.
-    lib = ct.CDLL("libbcc.so.0", use_errno=True)
-    for name, res, args in (
-        ("bpf_lookup_elem", ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p]),
-        ("bpf_update_elem", ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_ulonglong]),
-        ("bpf_delete_elem", ct.c_int, [ct.c_int, ct.c_void_p]),
-        ("bpf_get_next_key", ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p]),
-    ):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-    return lib
-
-
-_lib = None
-
-
-def lib():
-    global _lib
-    if _lib is None:
-        _lib = _libbcc()
-    return _lib
-
-
-class _ObjAttr(ct.Structure):
-    _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32), ("file_flags", ct.c_uint32)]
-
-
-class _InfoAttr(ct.Structure):
-    _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
-
-
-class MapInfo(ct.Structure):
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
-                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32),
-                ("name", ct.c_char * 16), ("_rest", ct.c_uint8 * 64)]
-
-
-def _bpf(cmd: int, attr: ct.Structure) -> int:
-    rc = _libc.syscall(_SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
-    if rc < 0:
-        err = ct.get_errno()
-        raise OSError(err, os.strerror(err))
-    return rc
-
 
 def obj_get(path: Path | str) -> int:
-    raw = os.fsencode(str(path))
-    buf = ct.create_string_buffer(raw)
-    attr = _ObjAttr(pathname=ct.addressof(buf))
     try:
-        return _bpf(BPF_OBJ_GET, attr)
+        return bpfsys.obj_get(path)
     except OSError as e:
         raise BpfError(f"cannot open pinned BPF object {path}: {e.strerror}") from None
 
 
 def obj_pin(fd: int, path: Path | str) -> None:
-    buf = ct.create_string_buffer(os.fsencode(str(path)))
-    attr = _ObjAttr(pathname=ct.addressof(buf), bpf_fd=fd)
     try:
-        _bpf(BPF_OBJ_PIN, attr)
+        bpfsys.obj_pin(fd, path)
     except OSError as e:
         raise BpfError(f"cannot pin BPF object at {path}: {e.strerror}") from None
-
-
-def map_info(fd: int) -> MapInfo:
-    info = MapInfo()
-    attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
-    return info
 
 
 def possible_cpus() -> int:
@@ -180,47 +114,39 @@ def possible_cpus() -> int:
     return count
 
 
-class PinnedMap:
-    """A pinned map opened by path, with raw-bytes element access (per-CPU values split per CPU)."""
+class PinnedMap(bpfsys.Fd):
+    """A pinned map opened by path, with raw-bytes element access (per-CPU values split per CPU).
+    A context manager (from bpfsys.Fd): leaving it closes the fd."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.fd = obj_get(self.path)
-        info = map_info(self.fd)
-        self.type = info.type
-        self.key_size = info.key_size
-        self.value_size = info.value_size
-        self.max_entries = info.max_entries
-        self.percpu = info.type in PERCPU_TYPES
+        super().__init__(obj_get(self.path))
+        info = bpfsys.map_info(self.fd)
+        self.type = info["type"]
+        self.key_size = info["key_size"]
+        self.value_size = info["value_size"]
+        self.max_entries = info["max_entries"]
+        self.percpu = self.type in PERCPU_TYPES
         self.ncpu = possible_cpus() if self.percpu else 1
+        # the kernel lays per-CPU values out in 8-byte aligned slots
         self._slot = (self.value_size + 7) // 8 * 8 if self.percpu else self.value_size
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _check(self, key: bytes) -> None:
         if len(key) != self.key_size:
             raise BpfError(f"{self.path.name}: key is {len(key)} bytes, map expects {self.key_size}")
 
+    def _failed(self, what: str, err: OSError) -> BpfError:
+        return BpfError(f"{self.path.name}: {what} failed: {os.strerror(err.errno)}")
+
     def lookup(self, key: bytes) -> list[bytes] | None:
         """Value per CPU (a one-item list for normal maps); None when the key is absent."""
         self._check(key)
-        kbuf = ct.create_string_buffer(key, len(key))
-        vbuf = ct.create_string_buffer(self._slot * self.ncpu)
-        if lib().bpf_lookup_elem(self.fd, kbuf, vbuf) != 0:
-            err = ct.get_errno()
-            if err == errno.ENOENT:
-                return None
-            raise BpfError(f"{self.path.name}: lookup failed: {os.strerror(err)}")
-        raw = vbuf.raw
+        try:
+            raw = bpfsys.map_lookup(self.fd, key, self._slot * self.ncpu)
+        except bpfsys.BpfError as err:
+            raise self._failed("lookup", err) from None
+        if raw is None:
+            return None
         return [raw[i * self._slot:i * self._slot + self.value_size] for i in range(self.ncpu)]
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
@@ -228,34 +154,24 @@ class PinnedMap:
         self._check(key)
         if len(value) != self.value_size:
             raise BpfError(f"{self.path.name}: value is {len(value)} bytes, map expects {self.value_size}")
-        padded = value.ljust(self._slot, b"\0") * self.ncpu
-        kbuf = ct.create_string_buffer(key, len(key))
-        vbuf = ct.create_string_buffer(padded, len(padded))
-        if lib().bpf_update_elem(self.fd, kbuf, vbuf, flags) != 0:
-            raise BpfError(f"{self.path.name}: update failed: {os.strerror(ct.get_errno())}")
+        try:
+            bpfsys.map_update(self.fd, key, value.ljust(self._slot, b"\0") * self.ncpu, flags)
+        except bpfsys.BpfError as err:
+            raise self._failed("update", err) from None
 
     def delete(self, key: bytes) -> bool:
         self._check(key)
-        kbuf = ct.create_string_buffer(key, len(key))
-        if lib().bpf_delete_elem(self.fd, kbuf) != 0:
-            err = ct.get_errno()
-            if err == errno.ENOENT:
-                return False
-            raise BpfError(f"{self.path.name}: delete failed: {os.strerror(err)}")
-        return True
+        try:
+            return bpfsys.map_delete(self.fd, key)
+        except bpfsys.BpfError as err:
+            raise self._failed("delete", err) from None
 
     def keys(self, limit: int = 1_000_000) -> list[bytes]:
         """All keys (bounded); for arrays, 0..max_entries-1."""
-        out: list[bytes] = []
-        cur = None
-        nxt = ct.create_string_buffer(self.key_size)
-        while len(out) < limit:
-            kptr = None if cur is None else ct.create_string_buffer(cur, self.key_size)
-            if lib().bpf_get_next_key(self.fd, kptr, nxt) != 0:
-                break
-            cur = nxt.raw
-            out.append(cur)
-        return out
+        try:
+            return bpfsys.map_keys(self.fd, self.key_size, limit)
+        except bpfsys.BpfError as err:
+            raise self._failed("key iteration", err) from None
 
 
 # ---------------------------------------------------------------- where the maps are

@@ -6,13 +6,13 @@ mirror bpf/maps.h; change both together.
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+from initagent.digest import sha256
 from initagent.flags import CaptureConfig
 
 # pod_cfg.flags (maps.h)
@@ -26,11 +26,14 @@ CFG_CAPTURE_ALL_DNS = 1 << 6
 CFG_ACCELERATE = 1 << 7
 CFG_INBOUND_ALL = 1 << 8
 CFG_INBOUND_LIST = 1 << 9
+CFG_VIRT_IFACES = 1 << 16
 
 # LPM kinds (maps.h)
 CIDR_LOCAL, CIDR_EXCLUDE, CIDR_INCLUDE, CIDR_ROUTE, CIDR_EGRESS = 1, 2, 3, 4, 5
 # id kinds (maps.h)
 ID_PROXY_UID, ID_PROXY_GID, ID_OWNER_GROUP, PORT_OUT_EXCLUDE, PORT_OUT_INCLUDE = 1, 2, 3, 4, 5
+PORT_IN_INCLUDE, PORT_IN_EXCLUDE, IFACE_EXCLUDE, IFACE_VIRT = 16, 17, 18, 19   # inbound section
+CIDR_DNS_SERVER = 16                                                        # DNS section (LPM kind)
 
 POD_CFG = struct.Struct("=IIHHHHIIII8I")          # struct pod_cfg: 64 bytes
 POD_INFO = struct.Struct("=QQQQII16s")             # struct pod_info: 56 bytes
@@ -125,12 +128,18 @@ def pod_flags(cfg: CaptureConfig, facts: PodFacts) -> int:
             flags |= CFG_CAPTURE_ALL_DNS
     if cfg.accelerate:
         flags |= CFG_ACCELERATE
+    return flags | inbound_flags(cfg)
+
+
+def inbound_flags(cfg: CaptureConfig) -> int:
+    """pod_cfg.flags bits for inbound capture (sk_lookup)."""
+    flags = 0
     if cfg.inbound_all:
         flags |= CFG_INBOUND_ALL
     elif cfg.inbound_ports:
         flags |= CFG_INBOUND_LIST
     if cfg.kube_virt_interfaces:
-        flags |= 1 << 16   # CFG_VIRT_IFACES (inbound engineer, maps.h)
+        flags |= CFG_VIRT_IFACES
     return flags
 
 
@@ -203,7 +212,7 @@ def config_digest(cfg: CaptureConfig, facts: PodFacts) -> bytes:
                           "routes": [(str(n), e) for n, e in facts.routes], "v6": facts.ipv6_enabled,
                           "uid_map": facts.uid_map, "gid_map": facts.gid_map, "groups": facts.group_ids,
                           "dns": facts.dns_effective}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).digest()[:16]
+    return sha256(payload.encode()).digest()[:16]
 
 
 def pod_info_value(cookie: int, cgroup_id: int, netns_ino: int, created_ns: int, pid: int, committed: int,

@@ -3,49 +3,20 @@ relies on SO_ORIGINAL_DST) -> the original destination in the cluster netns, whi
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from tests.agent.conftest import PYTHON, REPO, run_agent
 from tests.podenv import Pod
+from tests.sidecar import HAProxy, sidecar_config
 
 pytestmark = pytest.mark.kernel
 
 PROBE = REPO / "tests" / "probe.py"
 VIP = "10.96.0.10"
 
-HAPROXY_CFG = """
-global
-    uid 1337
-    gid 1337
-    maxconn 8000
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-frontend outbound
-    bind 127.0.0.1:15001
-    default_backend original
-backend original
-    server orig 0.0.0.0
-"""
 
-
-def wait_listening(pod, port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = pod.run(["ss", "-Hltn", f"sport = :{port}"])
-        if r.stdout.strip():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port} after {timeout}s")
-
-
-def test_app_to_vip_through_haproxy(build, bpffs, tmp_path):
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(HAPROXY_CFG)
+def test_app_to_vip_through_haproxy(build, bpffs):
     with Pod("e2e") as pod:
         pod.cluster.add_address(VIP)
         server = pod.peer_popen([PYTHON, PROBE, "serve", "--name", "backend", "--bind", VIP, "--port", "8080"])
@@ -57,18 +28,15 @@ def test_app_to_vip_through_haproxy(build, bpffs, tmp_path):
         # fail closed before the proxy is up
         before = json.loads(pod.run([PYTHON, PROBE, "connect", VIP, "8080"], uid=1000, gid=1000).stdout)
         assert before["outcome"] == "refused", before
-        haproxy = pod.popen(["haproxy", "-db", "-f", str(cfg)])
-        wait_listening(pod, 15001)
         try:
-            for _ in range(5):
-                got = json.loads(pod.run([PYTHON, PROBE, "connect", VIP, "8080"], uid=1000, gid=1000).stdout)
-                assert got["outcome"] == "ok", got
-                reply = got["reply"]
-                assert reply["server"] == "backend" and reply["local"] == [VIP, 8080]
-                assert reply["remote"][0] == pod.addr4      # haproxy's own connection, from the pod
-            # HAProxy's upstream connect ran as uid 1337 and was not looped back into itself
-            assert haproxy.poll() is None
+            with HAProxy(pod, sidecar_config()) as haproxy:   # runs as uid 1337, like the sidecar
+                for _ in range(5):
+                    got = json.loads(pod.run([PYTHON, PROBE, "connect", VIP, "8080"], uid=1000, gid=1000).stdout)
+                    assert got["outcome"] == "ok", got
+                    reply = got["reply"]
+                    assert reply["server"] == "backend" and reply["local"] == [VIP, 8080]
+                    assert reply["remote"][0] == pod.addr4      # haproxy's own connection, from the pod
+                # HAProxy's upstream connect ran as uid 1337 and was not looped back into itself
+                assert haproxy.running()
         finally:
-            haproxy.terminate()
-            haproxy.wait(timeout=10)
             run_agent(["cleanup", "--bpffs", str(bpffs), "--netns", pod.netns_path])

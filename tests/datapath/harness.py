@@ -7,13 +7,12 @@ kernel before the shared unit exists.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import struct
 from pathlib import Path
 
-from initagent import inbound
+from initagent import bpfsys, inbound
 
 REPO = Path(__file__).resolve().parents[2]
 BPF_DIR = REPO / "bpf"
@@ -42,14 +41,8 @@ def source() -> str:
     return expand(BPF_DIR / "bpfinit.c")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def map_update(fd: int, key: bytes, value: bytes) -> None:
-    kb = ctypes.create_string_buffer(key, len(key))
-    vb = ctypes.create_string_buffer(value, len(value))
-    attr = struct.pack("IIQQQ", fd, 0, ctypes.addressof(kb), ctypes.addressof(vb), 0)
-    inbound._bpf(2, attr)  # BPF_MAP_UPDATE_ELEM
+    bpfsys.map_update(fd, key, value)
 
 
 def netns_cookie(netns_path: str) -> int:

@@ -2,17 +2,17 @@
 client app -> client sidecar -> server sidecar -> server app; then the same with acceleration on."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.datapath import agentrun, sidecar
+from tests.datapath import agentrun
 from tests.podenv import Cluster, bpffs_mount
+from tests.sidecar import HAProxy, sidecar_config
 
 pytestmark = pytest.mark.kernel
 HERE = Path(__file__).resolve().parent
@@ -52,20 +52,16 @@ def run_two_pods(accelerate: bool, size: int):
             res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + extra, env)
             assert res.returncode == 0, res.stderr
             logs.append(res.stdout + res.stderr)
-        tmpdirs = []
-        try:
-            app = server.popen([PY, str(HERE / "httpapp.py"), "--port", "8080"], uid=1000, gid=1000)
-            wait_ready(app)
+        app = server.popen([PY, str(HERE / "httpapp.py"), "--port", "8080"], uid=1000, gid=1000)
+        wait_ready(app)
+        # each hop stamps the original destination it saw into a header (X-Out-/X-In-Orig-Dst)
+        config = sidecar_config(inbound_port=15006, http=True, stamp_headers=True)
+        with contextlib.ExitStack() as sidecars:
             for pod in (client, server):
-                proc, tmp = sidecar.start(pod)
-                tmpdirs.append(tmp)
-            time.sleep(0.5)   # haproxy has no readiness line; bounded wait for its listeners
+                sidecars.enter_context(HAProxy(pod, config))
             res = client.run([PY, "-c", CLIENT, server.addr4, str(size)], uid=1000, gid=1000, timeout=60)
             assert res.returncode == 0, res.stderr
             return json.loads(res.stdout), server, logs
-        finally:
-            for tmp in tmpdirs:
-                shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("accelerate", [False, True], ids=["plain", "accelerated"])

@@ -36,7 +36,8 @@ def stop(proc):
 
 
 def setup_pod(datapath, pod, bpffs, args, pod_idx):
-    cfg = parse(args, {})
+    # dual-stack: the v6 probes below need an "IPv6" pod (istio has no ip6tables rules otherwise, §1.5)
+    cfg = parse(args, {"ISTIO_DUAL_STACK": "true"})
     datapath.attach_pod(pod, cfg, pod_idx, bpffs)
     return cfg
 

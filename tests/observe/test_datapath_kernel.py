@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from initagent import counters
 from tests.observe.conftest import connect_many
 from tests.podenv import Pod, bpffs_mount, require_kernel
+from tests.sidecar import HAProxy, sidecar_config
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
@@ -23,24 +23,6 @@ PROBE = str(REPO / "tests" / "probe.py")
 SERVICE = "10.96.0.10"          # lives in the cluster netns
 EXCLUDED = "10.250.0.1"         # the gateway: excluded from capture, allowed by the egress guard
 FORBIDDEN = "198.51.100.7"      # excluded from capture, NOT in the egress allow-list -> EPERM
-
-HAPROXY_CFG = """
-global
-  maxconn 200
-  uid 1337
-  gid 1337
-defaults
-  mode tcp
-  timeout connect 2s
-  timeout client 10s
-  timeout server 10s
-frontend outbound
-  bind 127.0.0.1:15001
-  default_backend original_destination
-backend original_destination
-  server orig 0.0.0.0
-"""
-
 
 def setup_agent(pod: Pod, bpffs: Path, extra: list[str]) -> str:
     env = {**{k: v for k, v in os.environ.items() if k in ("PATH", "BCC_KERNEL_SOURCE")},
@@ -78,13 +60,10 @@ def env():
         yield bpffs, pod
 
 
-def test_outbound_redirect_bypass_and_denial_through_haproxy(env, tmp_path):
+def test_outbound_redirect_bypass_and_denial_through_haproxy(env):
     bpffs, pod = env
     setup_agent(pod, bpffs, ["-x", f"{EXCLUDED}/32,198.51.100.0/24", "--egress-allow", f"{EXCLUDED}/32"])
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(HAPROXY_CFG)
-    os.chmod(tmp_path, 0o755)
-    haproxy = pod.popen(["haproxy", "-db", "-f", str(cfg)])
+    haproxy = HAProxy(pod, sidecar_config()).start()   # uid 1337; ready when listening (no probe connection)
     server = pod.peer_popen([sys.executable, PROBE, "serve", "--name", "svc", "--bind", SERVICE,
                              "--port", "8080", "--count", "1", "--timeout", "30"])
     gw_server = pod.peer_popen([sys.executable, PROBE, "serve", "--name", "gw", "--bind", EXCLUDED,
@@ -92,11 +71,6 @@ def test_outbound_redirect_bypass_and_denial_through_haproxy(env, tmp_path):
     try:
         assert server.stdout.readline().strip() == "READY"
         assert gw_server.stdout.readline().strip() == "READY"
-        deadline = time.monotonic() + 10          # HAProxy up (bounded wait)
-        while time.monotonic() < deadline:
-            if pod.run(["ss", "-ltn", "sport", "= :15001"]).stdout.count("LISTEN"):
-                break
-            time.sleep(0.1)
         # 1. redirected request: app -> 10.96.0.10:8080 -> HAProxy -> original destination
         reply = pod.run([sys.executable, PROBE, "connect", SERVICE, "8080"], uid=1000, gid=1000)
         got = json.loads(reply.stdout)
@@ -107,7 +81,8 @@ def test_outbound_redirect_bypass_and_denial_through_haproxy(env, tmp_path):
         # 3. egress-guard denial: excluded from capture but outside the allow-list
         assert connect_many(pod, FORBIDDEN, 443, 1, uid=1000, gid=1000)["outcomes"] == {"EPERM": 1}
     finally:
-        for p in (haproxy, server, gw_server):
+        haproxy.stop()
+        for p in (server, gw_server):
             p.terminate()
             p.wait(timeout=10)
 
