@@ -1,9 +1,11 @@
 """Find kernel headers for bcc by ourselves, so the agent works on nodes without /lib/modules/$(uname -r).
 
-Order: an explicit directory (--kernel-headers), /lib/modules/<release>/{build,source},
-/sys/kernel/kheaders.tar.xz (CONFIG_IKHEADERS; extracted once to a cache), then Debian-style split
-packages /usr/src/linux-headers-<ver>-{<flavour>,common} with the nearest version. Returns the
-environment (BCC_KERNEL_SOURCE) and cflags bcc needs.
+Order: an explicit directory (--kernel-headers); then an exact match for the running kernel anywhere:
+/lib/modules/<release>/{build,source} in the image and on the node (mounted at /host/lib/modules by the
+webhook), /usr/src/linux-headers-<release> likewise (image, then /host/usr/src), and
+/sys/kernel/kheaders.tar.xz (CONFIG_IKHEADERS; extracted once to a cache); then the image's Debian-style
+split packages /usr/src/linux-headers-<ver>-{<flavour>,common} with the nearest version; then the node's
+nearest under /host/usr/src. Returns the environment (BCC_KERNEL_SOURCE) and cflags bcc needs.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 KHEADERS = Path("/sys/kernel/kheaders.tar.xz")
+# The node's /lib/modules and /usr/src as the webhook mounts them into the agent (webhook/mutate.py).
+HOST_ROOT = Path(os.environ.get("BPFINIT_HOST_ROOT", "/host"))
 DEFAULT_CACHE = Path(os.environ.get("BPFINIT_CACHE_DIR", "/var/cache/bpfinit"))
 
 
@@ -97,12 +101,23 @@ def from_dir(path: str | Path) -> KernelHeaders:
                        f"arch/{_arch()}/include)")
 
 
-def _from_modules(release: str) -> KernelHeaders | None:
-    base = Path("/lib/modules") / release
-    build, source = base / "build", base / "source"
+def _in_root(path: Path, root: Path) -> Path:
+    """Follow `path`'s own symlinks as if `root` were `/`: the node's absolute link
+    /lib/modules/<r>/build -> /usr/src/... must land in <root>/usr/src, not in the image's /usr/src."""
+    for _hop in range(8):
+        if not path.is_symlink():
+            return path
+        target = Path(os.readlink(path))
+        path = root / target.relative_to("/") if target.is_absolute() else path.parent / target
+    return path
+
+
+def _from_modules(release: str, root: Path = Path("/")) -> KernelHeaders | None:
+    base = root / "lib" / "modules" / release
+    build, source = _in_root(base / "build", root), _in_root(base / "source", root)
     if not build.exists():
         return None
-    return _pair(build, source if source.exists() else build, f"/lib/modules/{release}", release)
+    return _pair(build, source if source.exists() else build, str(base), release)
 
 
 def _from_kheaders(release: str, cache: Path) -> KernelHeaders | None:
@@ -127,13 +142,16 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
 
-def _from_usr_src(release: str, root: Path = Path("/usr/src")) -> KernelHeaders | None:
-    """Debian split packages: linux-headers-<ver>-<flavour> (build) + linux-headers-<ver>-common."""
+def _from_usr_src(release: str, root: Path = Path("/usr/src"), exact: bool = False) -> KernelHeaders | None:
+    """Debian split packages: linux-headers-<ver>-<flavour> (build) + linux-headers-<ver>-common.
+    `exact`: only linux-headers-<release> itself (e.g. linux-headers-6.1.0-56-amd64)."""
     want = _version_tuple(release)
     candidates = []
     for build in root.glob("linux-headers-*"):
         m = re.match(r"^linux-headers-(.+)-([a-z0-9]+)$", build.name)
         if not m or m.group(2) == "common" or not _is_build(build):
+            continue
+        if exact and build.name != f"linux-headers-{release}":
             continue
         version = m.group(1)
         common = root / f"linux-headers-{version}-common"
@@ -145,20 +163,32 @@ def _from_usr_src(release: str, root: Path = Path("/usr/src")) -> KernelHeaders 
                     abs(((have + (0, 0))[1]) - ((want + (0, 0))[1])), have > want)
         candidates.append((distance, build, common, version))
     for _dist, build, common, version in sorted(candidates, key=lambda c: c[0]):
-        found = _pair(build, common if common.exists() else build, f"{build.name} (+ -common)", version)
+        found = _pair(build, common if common.exists() else build, f"{build} (+ -common)", version)
         if found:
             return found
     return None
 
 
-def find(explicit: str = "", release: str | None = None, cache: Path = DEFAULT_CACHE) -> KernelHeaders:
+def find(explicit: str = "", release: str | None = None, cache: Path = DEFAULT_CACHE,
+         host_root: Path | None = None, image_root: Path = Path("/")) -> KernelHeaders:
     release = release or platform.release()
     if explicit:
         return from_dir(explicit)
-    for finder in (lambda: _from_modules(release), lambda: _from_kheaders(release, cache),
-                   lambda: _from_usr_src(release)):
+    host = HOST_ROOT if host_root is None else host_root
+    image_src, host_src = image_root / "usr" / "src", host / "usr" / "src"
+    finders = (
+        # an exact match for the running kernel, wherever it is
+        lambda: _from_modules(release, image_root), lambda: _from_modules(release, host),
+        lambda: _from_usr_src(release, image_src, exact=True), lambda: _from_usr_src(release, host_src, exact=True),
+        lambda: _from_kheaders(release, cache),
+        # then the image's Debian headers (stable UAPI structures: fine for newer kernels), then the node's
+        lambda: _from_usr_src(release, image_src), lambda: _from_usr_src(release, host_src),
+    )
+    for finder in finders:
         found = finder()
         if found:
             return found
-    raise HeadersError(f"no kernel headers for {release}: looked in /lib/modules/{release}/build, {KHEADERS}, "
-                       f"/usr/src/linux-headers-*; install the headers package or pass --kernel-headers DIR")
+    raise HeadersError(f"no kernel headers for {release}: looked in {image_root / 'lib/modules' / release}/build, "
+                       f"{host / 'lib/modules' / release}/build, {KHEADERS}, {image_src}/linux-headers-*, "
+                       f"{host_src}/linux-headers-*; install the headers package on the node or pass "
+                       f"--kernel-headers DIR")

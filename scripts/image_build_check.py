@@ -195,6 +195,8 @@ def run_steps(instructions, root: Path, record: list[dict]) -> None:
                            "returncode": proc.returncode, "seconds": round(time.monotonic() - started, 1)})
             if proc.returncode != 0:
                 raise CheckError(f"RUN {rest} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            if Path(script).name == "image-install-system.sh" and proc.stderr.strip():
+                sys.stderr.write(proc.stderr)   # lock drift: reported loudly, not a failure (see the script)
             if Path(script).name == "image-add-user.sh":
                 before = (root / "etc/passwd").read_bytes()
                 again = subprocess.run([str(script_path), *args], cwd=cwd, env=env, capture_output=True, text=True,

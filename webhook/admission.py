@@ -18,6 +18,9 @@ SUPPORTED_API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 MAX_BODY_BYTES = 7 * 1024 * 1024
 # kubectl shows warnings; long ones may be truncated by the apiserver (>256 chars).
 MAX_WARNING_CHARS = 256
+# Pods here are never mutated or policed, whatever the webhook configurations' selectors say.
+ALWAYS_PROTECTED_NAMESPACES = ("kube-system",)
+STATUS_REASONS = {403: "Forbidden", 422: "Invalid", 500: "InternalError"}
 
 
 class EnvelopeError(Exception):
@@ -85,6 +88,23 @@ def is_dry_run(request: dict) -> bool:
     return request.get("dryRun") is True
 
 
+def request_namespace(request: dict) -> str:
+    """The object's namespace as the apiserver states it (`request.namespace`); a pod in a CREATE
+    often lacks metadata.namespace (generateName, namespace from the URL), so that is only a fallback."""
+    namespace = request.get("namespace")
+    if isinstance(namespace, str) and namespace:
+        return namespace
+    obj = request.get("object") if isinstance(request.get("object"), dict) else {}
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    fallback = meta.get("namespace")
+    return fallback if isinstance(fallback, str) else ""
+
+
+def protected_namespaces(own_namespace: str) -> frozenset[str]:
+    """kube-system and the webhook's own namespace: admitting there must never depend on us."""
+    return frozenset(n for n in (*ALWAYS_PROTECTED_NAMESPACES, own_namespace) if n)
+
+
 def is_pod_create(request: dict) -> bool:
     kind = request.get("kind") if isinstance(request.get("kind"), dict) else {}
     resource = request.get("resource") if isinstance(request.get("resource"), dict) else {}
@@ -104,7 +124,7 @@ def build_response(review: dict, decision: Decision) -> dict:
     if not decision.allowed:
         code = decision.code if isinstance(decision.code, int) and decision.code >= 400 else 403
         response["status"] = {"code": code, "message": decision.message or "denied by bpfinit",
-                              "reason": "Forbidden" if code == 403 else "Invalid" if code == 422 else "BadRequest"}
+                              "reason": STATUS_REASONS.get(code, "BadRequest")}
     elif decision.patch:
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(

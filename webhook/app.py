@@ -33,12 +33,44 @@ from webhook.mutate import MutationSettings, mutate
 DEFAULT_AGENT_IMAGE = "ghcr.io/bpfinit/bpfinit:0.1.0"
 # Beyond this an oversized upload is cut off (connection closed) rather than drained.
 DRAIN_LIMIT_BYTES = 4 * admission.MAX_BODY_BYTES
+INTERNAL_ERROR = "internal-error"
+ERROR_LINE_CHARS = 200
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line of the message`, short enough for a warning or status message."""
+    try:
+        message = str(error).strip()
+    except Exception:  # noqa: BLE001 - a broken __str__ must not turn the answer into a 500
+        message = ""
+    text = message.splitlines()[0].strip() if message else ""
+    line = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return line if len(line) <= ERROR_LINE_CHARS else line[:ERROR_LINE_CHARS - 3] + "..."
+
+
+def internal_error_decision(webhook: str, uid: str, error: BaseException) -> Decision:
+    """What an internal error answers (HTTP 200, never 500: the apiserver gets a decision it can show)."""
+    uid = uid if len(uid) <= 64 else uid[:61] + "..."   # apiserver uids are UUIDs; a client's may be anything
+    if webhook == "mutate":
+        # Same as failurePolicy Ignore: the pod keeps iptables istio-init, which is safe.
+        return Decision(allowed=True, warnings=[
+            f"bpfinit internal error (request {uid}): {one_line(error)}; "
+            "pod left unchanged, it keeps iptables istio-init"])
+    # The validator fails closed: a policy we could not evaluate is not a pass. The message is visible
+    # to the user, and the uid finds the traceback in the webhook's log.
+    return Decision(allowed=False, code=500,
+                    message=f"bpfinit internal error evaluating policy (request {uid}): {one_line(error)}")
 
 
 @dataclass(frozen=True)
 class WebhookSettings:
     agent_image: str = DEFAULT_AGENT_IMAGE
-    cert_dir: str | None = None      # /readyz checks the certificates here when set
+    cert_dir: str | None = None      # /readyz and the expiry gauge check the certificates here when set
+    own_namespace: str = "bpfinit-system"   # where the webhook runs (`serve --namespace`)
+
+    @property
+    def protected_namespaces(self) -> frozenset[str]:
+        return admission.protected_namespaces(self.own_namespace)
 
 
 def _json_response(body: Any, status: int = 200) -> Response:
@@ -103,14 +135,20 @@ def _read_review() -> dict:
     return admission.parse_review(body, request.content_type)
 
 
-def _decide_mutation(review_request: dict, settings: MutationSettings, policy_store: Any) -> tuple[Decision, str]:
+def _decide_mutation(review_request: dict, settings: MutationSettings, policy_store: Any,
+                     protected: frozenset[str] = frozenset()) -> tuple[Decision, str]:
     if not admission.is_pod_create(review_request):
         return Decision(allowed=True), "not-a-pod-create"
+    namespace = admission.request_namespace(review_request)
+    if namespace in protected:
+        # Defence in depth behind the configurations' namespaceSelector: never touch the control plane
+        # or our own pods, even if someone edits the selectors.
+        return Decision(allowed=True), "protected-namespace"
     pod = review_request["object"]
     egress_allow = None
     egress_allow_for = getattr(policy_store, "egress_allow_for", None)
     if egress_allow_for is not None:
-        egress_allow = egress_allow_for(pod, review_request.get("namespace") or "")
+        egress_allow = egress_allow_for(pod, namespace)
     result = mutate(pod, settings, egress_allow)
     if result.denial:
         return Decision(allowed=False, code=422, message=f"bpfinit: {result.denial}",
@@ -118,7 +156,9 @@ def _decide_mutation(review_request: dict, settings: MutationSettings, policy_st
     return Decision(allowed=True, patch=result.patch or None, warnings=result.warnings), result.outcome
 
 
-def _decision_word(decision: Any) -> str:
+def _decision_word(decision: Any, outcome: str | None = None) -> str:
+    if outcome == INTERNAL_ERROR:
+        return "error"
     if not decision.allowed:
         return "denied"
     return "patched" if getattr(decision, "patch", None) else "allowed"
@@ -142,42 +182,58 @@ def create_app(settings: WebhookSettings | None = None, policy_store: Any = None
             log.warning("request refused", extra={"webhook": webhook, "http_status": error.status,
                                                   "reason": error.message})
             return _json_response({"error": error.message}, error.status)
+        except Exception as error:  # noqa: BLE001 - no uid yet, so no AdmissionReview; still never a 500
+            log.exception("internal error reading the request", extra={"webhook": webhook})
+            _guarded(metrics.observe_internal_error, webhook)
+            _guarded(metrics.observe_http_error, webhook, 400, time.perf_counter() - started)
+            return _json_response({"error": f"cannot read the AdmissionReview: {one_line(error)}"}, 400)
         review_request = admission.request_of(review)
-        token = logs.request_uid.set(review_request["uid"])
+        uid = review_request["uid"]
+        token = logs.request_uid.set(uid)
         try:
             dry_run = admission.is_dry_run(review_request)
             try:
                 decision, outcome = decide(review_request)
-            except Exception:  # noqa: BLE001 - the apiserver must get a decision, not a 500
-                log.exception("internal error", extra={"webhook": webhook})
-                decision, outcome = internal_error_decision(webhook), "internal-error"
-            answer = admission.build_response(review, decision)
-            word = _decision_word(decision)
+                answer = _json_response(admission.build_response(review, decision))
+            except Exception as error:  # noqa: BLE001 - the apiserver must get a decision, not a 500
+                log.exception("internal error", extra={"webhook": webhook, "error": one_line(error)})
+                decision, outcome = internal_error_decision(webhook, uid, error), INTERNAL_ERROR
+                answer = _json_response(admission.build_response(review, decision))
+            if outcome == INTERNAL_ERROR:
+                _guarded(metrics.observe_internal_error, webhook)
+            word = _decision_word(decision, outcome)
             seconds = time.perf_counter() - started
-            metrics.observe_review(webhook, word, dry_run, seconds, outcome)
-            obj = review_request.get("object") if isinstance(review_request.get("object"), dict) else {}
-            meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-            log.info("admission", extra={
-                "webhook": webhook, "decision": word, "outcome": outcome, "dry_run": dry_run,
-                "operation": review_request.get("operation"), "namespace": review_request.get("namespace"),
-                "object_name": review_request.get("name") or meta.get("name") or meta.get("generateName"),
-                "warnings": len(decision.warnings or []), "duration_ms": round(seconds * 1000, 3)})
-            return _json_response(answer)
+            _guarded(metrics.observe_review, webhook, word, dry_run, seconds, outcome)
+            _guarded(log_admission, webhook, review_request, decision, word, outcome, dry_run, seconds)
+            return answer
         finally:
             logs.request_uid.reset(token)
 
-    def internal_error_decision(webhook: str) -> Decision:
-        if webhook == "mutate":
-            # Same as failurePolicy Ignore: the pod keeps iptables istio-init, which is safe.
-            return Decision(allowed=True, warnings=["bpfinit: internal error, pod left unchanged (see webhook logs)"])
-        # The validator fails closed: a policy we could not evaluate is not a pass.
-        return Decision(allowed=False, code=500,
-                        message="bpfinit: internal error while evaluating the egress policy (see webhook logs)")
+    def _guarded(record: Callable[..., Any], *args: Any) -> None:
+        # Metrics and logs are bookkeeping: a failure there must not cost the apiserver its answer.
+        try:
+            record(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("bookkeeping failed", extra={"what": getattr(record, "__name__", "?")})
+
+    def log_admission(webhook: str, review_request: dict, decision: Any, word: str, outcome: str | None,
+                      dry_run: bool, seconds: float) -> None:
+        obj = review_request.get("object") if isinstance(review_request.get("object"), dict) else {}
+        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        log.info("admission", extra={
+            "webhook": webhook, "decision": word, "outcome": outcome, "dry_run": dry_run,
+            "operation": review_request.get("operation"), "namespace": admission.request_namespace(review_request),
+            "object_name": review_request.get("name") or meta.get("name") or meta.get("generateName"),
+            "warnings": len(decision.warnings or []), "duration_ms": round(seconds * 1000, 3)})
 
     def decide_mutate(review_request: dict) -> tuple[Any, str | None]:
-        return _decide_mutation(review_request, mutation_settings, policy_store)
+        return _decide_mutation(review_request, mutation_settings, policy_store, settings.protected_namespaces)
 
     def decide_validate(review_request: dict) -> tuple[Any, str | None]:
+        if admission.request_namespace(review_request) in settings.protected_namespaces:
+            # Defence in depth: the control plane and our own pods must start even if the validator's
+            # namespaceSelector was edited, or our fail-closed validator could lock itself out.
+            return Decision(allowed=True), "protectedNamespace"
         decision = validate_review(review_request, policy_store)
         labels = getattr(decision, "metric_labels", None) or {}
         # A validating answer must never carry a patch (VerifyAdmissionResponse).
@@ -186,7 +242,7 @@ def create_app(settings: WebhookSettings | None = None, policy_store: Any = None
                          warnings=list(getattr(decision, "warnings", None) or []),
                          audit_annotations=dict(getattr(decision, "audit_annotations", None) or {}))
         if {"policy", "mode", "reason"} <= set(labels):  # webhook.validate's egress-policy decision
-            metrics.observe_policy_decision(labels["policy"], labels["mode"], labels["reason"])
+            _guarded(metrics.observe_policy_decision, labels["policy"], labels["mode"], labels["reason"])
         return plain, labels.get("outcome") or labels.get("reason")
 
     @app.post("/mutate")
@@ -211,7 +267,7 @@ def create_app(settings: WebhookSettings | None = None, policy_store: Any = None
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = metrics.render(settings.cert_dir)
         return Response(body, status=200, content_type=content_type)
 
     @app.errorhandler(HTTPException)

@@ -66,7 +66,9 @@ def _add_serve(subparsers) -> None:
     serve.add_argument("--service-name", default=_env("BPFINIT_WEBHOOK_SERVICE", DEFAULT_SERVICE),
                        help="Service name for the certificate SANs (default %(default)s)")
     serve.add_argument("--namespace", default=_env("BPFINIT_WEBHOOK_NAMESPACE", DEFAULT_NAMESPACE),
-                       help="namespace for the certificate SANs <svc>.<ns>.svc (default %(default)s)")
+                       help="the webhook's own namespace: certificate SANs <svc>.<ns>.svc, and its pods (like "
+                            "kube-system's) are never mutated or policed (env BPFINIT_WEBHOOK_NAMESPACE; "
+                            "default %(default)s)")
     serve.add_argument("--extra-san", action="append", default=[],
                        help="additional DNS name or IP for a self-made certificate (repeatable)")
     serve.add_argument("--workers", type=_positive_int, default=_env("BPFINIT_WEBHOOK_WORKERS", "2"),
@@ -101,7 +103,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     print(f"bpfinit-webhook: serving https://{args.host}:{args.port} with {paths.tls_cert} "
           f"(CA bundle: {paths.ca_cert})", file=sys.stderr)
     options = ServerOptions(host=args.host, port=args.port, cert_dir=str(paths.directory),
-                            agent_image=args.agent_image, workers=args.workers, threads=args.threads,
+                            agent_image=args.agent_image, namespace=args.namespace, workers=args.workers,
+                            threads=args.threads,
                             metrics_dir=args.metrics_dir, log_level=args.log_level, access_log=args.access_log)
     try:
         return serve(options, policy_store)

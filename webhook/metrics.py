@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
+from cryptography import x509
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
                                generate_latest, multiprocess, values)
+from prometheus_client.core import GaugeMetricFamily
 
 # Admission latency on a 2-core node is sub-millisecond to a few ms: fine buckets there.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -37,14 +40,19 @@ class _Metrics:
             "bpfinit_webhook_outcomes_total",
             "What the webhook concluded: for mutate the mutation outcome (swapped, already-swapped, "
             "no-istio-init, istio-cni, opted-out, user-override, unsupported-flags, invalid-annotations, "
-            "host-network, mirror-pod, not-a-pod-create, internal-error); for validate the policy's "
-            "metric_labels['outcome'].",
+            "host-network, mirror-pod, not-a-pod-create, protected-namespace, internal-error); for validate "
+            "the policy's reason (or protectedNamespace, internal-error).",
             ["webhook", "outcome"], registry=self.registry)
         self.policy_decisions = Counter(
             "bpfinit_webhook_policy_decisions_total",
             "Egress-bypass policy decisions of /validate, by policy (namespace/name or none), mode "
             "(Enforce|Warn|Audit|Exempt) and reason (compliant, noPolicy, exempt, or the first violated vector).",
             ["policy", "mode", "reason"], registry=self.registry)
+        self.internal_errors = Counter(
+            "bpfinit_webhook_internal_errors_total",
+            "Unexpected errors inside the webhook (traceback in the log). Each was still answered: "
+            "mutate allows the pod unchanged (it keeps istio-init), validate denies with code 500.",
+            ["webhook"], registry=self.registry)
         self.http_errors = Counter(
             "bpfinit_webhook_http_errors_total",
             "Requests refused before any decision (400 malformed, 413 too large, 415 content type).",
@@ -79,6 +87,10 @@ def observe_review(webhook: str, decision: str, dry_run: bool, seconds: float, o
         m.outcomes.labels(webhook, outcome).inc()
 
 
+def observe_internal_error(webhook: str) -> None:
+    _get().internal_errors.labels(webhook).inc()
+
+
 def observe_policy_decision(policy: str, mode: str, reason: str) -> None:
     _get().policy_decisions.labels(policy, mode, reason).inc()
 
@@ -95,13 +107,44 @@ def multiprocess_dir() -> str | None:
     return path if path and os.path.isdir(path) else None
 
 
-def render() -> tuple[bytes, str]:
-    """Exposition text for /metrics: every worker's samples when multiprocess."""
+CERT_EXPIRY_METRIC = "bpfinit_webhook_certificate_expiry_timestamp_seconds"
+
+
+class CertificateExpiryCollector:
+    """The serving certificate's notAfter, read from tls.crt at scrape time, so a rotation (Secret
+    volume swap, `certs` sidecar) shows at once and every worker reports the same value. No sample
+    when the file cannot be read (/readyz then says why)."""
+
+    def __init__(self, cert_dir: str | os.PathLike):
+        self.cert_path = Path(cert_dir) / "tls.crt"
+
+    def collect(self):
+        family = GaugeMetricFamily(CERT_EXPIRY_METRIC,
+                                   "Expiry (notAfter) of the webhook's serving certificate, Unix seconds.")
+        try:
+            cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        except (OSError, ValueError):
+            return [family]
+        family.add_metric([], cert.not_valid_after_utc.timestamp())
+        return [family]
+
+
+def render(cert_dir: str | os.PathLike | None = None) -> tuple[bytes, str]:
+    """Exposition text for /metrics: every worker's samples when multiprocess, plus the certificate
+    expiry gauge when the server has a cert dir."""
     if multiprocess_dir():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(_get().registry), CONTENT_TYPE_LATEST
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(_get().registry)
+    if cert_dir is not None:
+        # Computed per scrape, not stored: multiprocess gauges would need per-worker files for a
+        # value that is the same in every worker.
+        extra = CollectorRegistry()
+        extra.register(CertificateExpiryCollector(cert_dir))
+        body += generate_latest(extra)
+    return body, CONTENT_TYPE_LATEST
 
 
 def mark_worker_dead(pid: int) -> None:

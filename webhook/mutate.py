@@ -39,6 +39,10 @@ LABELS_FILE = PODINFO_DIR + "/labels"
 
 # Host paths the agent needs: bpffs for pins, cgroup v2 to attach programs to the
 # pod cgroup, kernel headers so bcc can compile on a node's first pod.
+# The node's header directories go under /host (initagent/headers.py looks there): mounted over
+# /usr/src and /lib/modules they would hide the Debian headers shipped in the agent image.
+HOST_LIB_MODULES_MOUNT = "/host/lib/modules"
+HOST_USR_SRC_MOUNT = "/host/usr/src"
 # (Functions, not constants: every patch gets fresh objects, no deepcopy needed.)
 def agent_volumes() -> list[dict[str, Any]]:
     return [
@@ -57,8 +61,8 @@ def agent_volume_mounts() -> list[dict[str, Any]]:
     return [
         {"name": "bpfinit-bpffs", "mountPath": "/sys/fs/bpf"},
         {"name": "bpfinit-cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": True},
-        {"name": "bpfinit-lib-modules", "mountPath": "/lib/modules", "readOnly": True},
-        {"name": "bpfinit-usr-src", "mountPath": "/usr/src", "readOnly": True},
+        {"name": "bpfinit-lib-modules", "mountPath": HOST_LIB_MODULES_MOUNT, "readOnly": True},
+        {"name": "bpfinit-usr-src", "mountPath": HOST_USR_SRC_MOUNT, "readOnly": True},
         {"name": "bpfinit-podinfo", "mountPath": PODINFO_DIR, "readOnly": True},
     ]
 

@@ -3,8 +3,9 @@
 Python is the single source of truth for the objects we own: the non-kustomization YAML under `manifests/`
 is generated from it (`bpfinit-webhook manifests --write-kustomize manifests`), the kustomize
 overlays patch that base, and the tests check that `kubectl kustomize <overlay>` and `render(options)`
-produce the same objects. The policy CRD and sample policy are plain YAML files owned by the policy
-engine (`manifests/base/egressbypasspolicy-crd.yaml`, `sample-policy.yaml`); they are read, not generated.
+produce the same objects. The policy CRD is a plain YAML file owned by the policy engine
+(`manifests/base/egressbypasspolicy-crd.yaml`); it is read, not generated. The sample policy lives with its
+namespace in `manifests/examples/` (hand-written, not part of the base: `--sample-policy` adds it).
 
 Everything here is a pure function on plain dicts, except `main()` (files and stdout).
 """
@@ -37,6 +38,11 @@ HTTPS_PORT = 8443
 EXPORTER_PORT = 9965                         # initagent.exporter DEFAULT_LISTEN
 OPT_IN_LABEL = "bpfinit.io/enabled"
 TLS_DIR = "/etc/bpfinit/tls"
+# Egress-policy settings (EgressBypassSettings: namespace modes, cluster policy namespace, ...) can only come
+# from a file; the policies themselves are EgressBypassPolicy objects, watched with --policy-crds=on.
+POLICY_CONFIGMAP = "bpfinit-policy"
+POLICY_DIR = "/etc/bpfinit/policy"
+POLICY_FILE_KEY = "policy.yaml"
 WEBHOOK_UID = 65532                         # the image's non-root `bpfinit` user
 CERT_MANAGER_NAMESPACE = "cert-manager"
 POLICY_GROUP = "bpfinit.io"                 # the policy CRDs' API group (webhook/policy.py)
@@ -47,8 +53,11 @@ ROLLOUTS = ("enforce", "warn-first")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_DIR = REPO_ROOT / "manifests" / "base"
+EXAMPLES_DIR = REPO_ROOT / "manifests" / "examples"
 POLICY_CRD_FILE = "egressbypasspolicy-crd.yaml"
 SAMPLE_POLICY_FILE = "sample-policy.yaml"
+# `kubectl apply -k manifests/examples`: the sample policy and the namespace it lives in.
+EXAMPLE_FILES = ("namespace.yaml", SAMPLE_POLICY_FILE)
 
 
 class RenderError(ValueError):
@@ -225,8 +234,10 @@ def _webhook_container(opts: RenderOptions) -> dict:
         "imagePullPolicy": "IfNotPresent",
         "command": ["bpfinit-webhook", "serve"],
         # --service-name/--namespace only matter when the server has to make its own certificate (base).
+        # --namespace: certificate SANs (base), and the namespace whose pods the handlers leave alone.
         "args": [f"--port={HTTPS_PORT}", f"--cert-dir={TLS_DIR}", f"--service-name={WEBHOOK_NAME}",
-                 f"--namespace={opts.namespace}", f"--log-level={opts.log_level}"],
+                 f"--namespace={opts.namespace}", f"--log-level={opts.log_level}",
+                 f"--policy={POLICY_DIR}/{POLICY_FILE_KEY}", "--policy-crds=on"],
         "env": [
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "BPFINIT_AGENT_IMAGE", "value": opts.agent_image or opts.image},
@@ -242,7 +253,9 @@ def _webhook_container(opts: RenderOptions) -> dict:
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "384Mi"}},
         "securityContext": _restricted_container_security(),
         "volumeMounts": [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+                         {"name": "tmp", "mountPath": "/tmp"},
+                         # A directory mount (not subPath): ConfigMap updates arrive and are hot-reloaded.
+                         {"name": "policy", "mountPath": POLICY_DIR, "readOnly": True}],
     }
 
 
@@ -266,6 +279,7 @@ def deployment(opts: RenderOptions) -> dict:
             # Base: filled by the cert overlay (emptyDir written by `certs`, or cert-manager's Secret).
             {"name": "tls", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+            {"name": "policy", "configMap": {"name": POLICY_CONFIGMAP}},
         ],
     }
     spec = {
@@ -280,6 +294,23 @@ def deployment(opts: RenderOptions) -> dict:
     }
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(WEBHOOK_NAME, "webhook", opts),
             "spec": spec}
+
+
+def policy_settings_text(opts: RenderOptions) -> str:
+    """The settings file the server reads with --policy (docs/policy.md). Cluster-wide policies and
+    exemptions live in our own namespace; warn-first makes Warn the default for policies without a mode."""
+    settings = {"apiVersion": f"{POLICY_GROUP}/v1alpha1", "kind": "EgressBypassSettings",
+                "spec": {"clusterPolicyNamespace": opts.namespace, "exemptionNamespace": opts.namespace,
+                         "defaultMode": "Warn" if opts.rollout == "warn-first" else "Enforce",
+                         "namespaceModes": {}, "ipFamilies": ["IPv4", "IPv6"]}}
+    return ("# bpfinit egress-policy settings (docs/policy.md); the policies are EgressBypassPolicy objects.\n"
+            "# The server re-reads this file when the ConfigMap changes.\n"
+            + yaml.safe_dump(settings, sort_keys=False, default_flow_style=False))
+
+
+def policy_configmap(opts: RenderOptions) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(POLICY_CONFIGMAP, "webhook", opts),
+            "data": {POLICY_FILE_KEY: policy_settings_text(opts)}}
 
 
 def pod_disruption_budget(opts: RenderOptions) -> list[dict]:
@@ -482,9 +513,12 @@ def cert_manager_objects(opts: RenderOptions) -> list[dict]:
 
 
 def apply_warn_first(objs: list[dict], opts: RenderOptions) -> list[dict]:
-    """First rollout step: the validator fails open and every policy in the set runs in Warn mode."""
+    """First rollout step: the validator fails open, every policy in the set runs in Warn mode, and so
+    does every policy without its own mode (settings defaultMode)."""
     objs = copy.deepcopy(objs)
     for obj in objs:
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == POLICY_CONFIGMAP:
+            obj["data"][POLICY_FILE_KEY] = policy_settings_text(replace(opts, rollout="warn-first"))
         if obj["kind"] == "ValidatingWebhookConfiguration":
             for hook in obj["webhooks"]:
                 hook["failurePolicy"] = "Ignore"
@@ -497,12 +531,13 @@ def apply_warn_first(objs: list[dict], opts: RenderOptions) -> list[dict]:
 # ---- whole sets ------------------------------------------------------------------------------------
 
 def render_base(opts: RenderOptions, crd_docs: list[dict]) -> dict[str, list[dict]]:
-    """The objects of `manifests/base`, by file name (the CRD and sample policy files are not ours)."""
+    """The objects of `manifests/base`, by file name (the CRD file is not ours)."""
     base_opts = replace(opts, certs="none", rollout="enforce")
     files = {
         "namespace.yaml": [namespace(base_opts)],
         "rbac.yaml": [service_account(base_opts), *policy_cluster_role(base_opts, crd_docs)],
         "deployment.yaml": [deployment(base_opts), *pod_disruption_budget(base_opts)],
+        "policy-configmap.yaml": [policy_configmap(base_opts)],
         "service.yaml": [service(base_opts)],
         "webhook-configurations.yaml": [mutating_webhook_configuration(base_opts),
                                         validating_webhook_configuration(base_opts)],
@@ -512,8 +547,9 @@ def render_base(opts: RenderOptions, crd_docs: list[dict]) -> dict[str, list[dic
     return files
 
 
-def render(opts: RenderOptions, crd_docs: list[dict], sample_docs: list[dict]) -> list[dict]:
-    """The whole deployable set for `opts` (same objects as the matching kustomize overlay)."""
+def render(opts: RenderOptions, crd_docs: list[dict], example_docs: list[dict] = ()) -> list[dict]:
+    """The whole deployable set for `opts` (same objects as the matching kustomize overlay), plus
+    `example_docs` (manifests/examples: the sample policy and its namespace) when given."""
     check_options(opts)
     webhook_objs = []
     for docs in render_base(opts, crd_docs).values():
@@ -522,7 +558,7 @@ def render(opts: RenderOptions, crd_docs: list[dict], sample_docs: list[dict]) -
     webhook_objs = [mutating_webhook_configuration(opts) if o["kind"] == "MutatingWebhookConfiguration"
                     else validating_webhook_configuration(opts) if o["kind"] == "ValidatingWebhookConfiguration"
                     else o for o in webhook_objs]
-    objs = [*copy.deepcopy(crd_docs), *webhook_objs, *copy.deepcopy(sample_docs)]
+    objs = [*copy.deepcopy(crd_docs), *webhook_objs, *copy.deepcopy(list(example_docs))]
     if opts.certs == "builtin":
         objs = apply_builtin_certs(objs, opts)
     elif opts.certs == "cert-manager":
@@ -546,8 +582,28 @@ def load_yaml_docs(path: Path) -> list[dict]:
     return docs
 
 
+def load_example_docs() -> list[dict]:
+    docs = []
+    for name in EXAMPLE_FILES:
+        docs.extend(load_yaml_docs(EXAMPLES_DIR / name))
+    return docs
+
+
+class _BlockStringDumper(yaml.SafeDumper):
+    """Multi-line strings (the policy settings file in its ConfigMap) as readable `|` blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value and not any(line != line.rstrip() for line in value.splitlines()) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockStringDumper.add_representer(str, _represent_str)
+
+
 def dump_yaml(objs: list[dict]) -> str:
-    return "---\n".join(yaml.safe_dump(o, sort_keys=False, default_flow_style=False) for o in objs)
+    return "---\n".join(yaml.dump(o, Dumper=_BlockStringDumper, sort_keys=False, default_flow_style=False)
+                         for o in objs)
 
 
 GENERATED_HEADER = ("# Generated from webhook/render.py by `bpfinit-webhook manifests --write-kustomize manifests`.\n"
@@ -560,6 +616,11 @@ def kustomize_generated_files(crd_docs: list[dict]) -> dict[str, list[dict]]:
     files = {f"base/{name}": docs for name, docs in render_base(opts, crd_docs).items()}
     files["overlays/builtin-certs/certs-rbac.yaml"] = builtin_certs_rbac(opts)
     files["overlays/cert-manager/certificates.yaml"] = cert_manager_objects(opts)
+    # A strategic-merge patch: the warn-first settings (defaultMode Warn) in the policy ConfigMap.
+    warn = policy_configmap(replace(opts, rollout="warn-first"))
+    files["components/warn-first/policy-settings.yaml"] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": POLICY_CONFIGMAP, "namespace": opts.namespace},
+         "data": warn["data"]}]
     return files
 
 
@@ -587,7 +648,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-namespace", action="append", default=[], dest="exclude",
                    help="another namespace neither webhook may see (repeatable)")
     p.add_argument("--no-exporter", action="store_true", help="leave out the observer/exporter DaemonSet")
-    p.add_argument("--no-sample-policy", action="store_true", help="leave out the sample egress policy")
+    p.add_argument("--sample-policy", action="store_true",
+                   help="also render manifests/examples: the sample egress policy and its namespace")
+    # Accepted for old scripts: the sample is no longer rendered unless asked for.
+    p.add_argument("--no-sample-policy", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info")
     p.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
     p.add_argument("--write-kustomize", metavar="DIR", default=None,
@@ -606,12 +670,12 @@ def run(args: argparse.Namespace) -> int:
             for path in write_kustomize(Path(args.write_kustomize), crd_docs):
                 print(f"wrote {path}", file=sys.stderr)
             return 0
-        sample_docs = [] if args.no_sample_policy else load_yaml_docs(BASE_DIR / SAMPLE_POLICY_FILE)
+        example_docs = load_example_docs() if args.sample_policy and not args.no_sample_policy else []
         opts = RenderOptions(image=args.image, agent_image=args.agent_image, namespace=args.namespace,
                              certs=args.certs, rollout=args.rollout, replicas=args.replicas,
                              extra_excluded_namespaces=tuple(args.exclude), exporter=not args.no_exporter,
                              log_level=args.log_level)
-        text = dump_yaml(render(opts, crd_docs, sample_docs))
+        text = dump_yaml(render(opts, crd_docs, example_docs))
     except RenderError as exc:
         print(f"bpfinit-webhook manifests: {exc}", file=sys.stderr)
         return 2

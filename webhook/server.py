@@ -30,6 +30,7 @@ class ServerOptions:
     port: int = 8443
     cert_dir: str = "run/certs"
     agent_image: str = ""
+    namespace: str = "bpfinit-system"   # the webhook's own namespace: its pods are never mutated/policed
     workers: int = 2
     threads: int = 16
     metrics_dir: str | None = None
@@ -110,7 +111,8 @@ class WebhookServer(BaseApplication):
         from webhook.app import WebhookSettings, create_app
 
         logs.configure(self.options.log_level)
-        return create_app(WebhookSettings(agent_image=self.options.agent_image, cert_dir=self.options.cert_dir),
+        return create_app(WebhookSettings(agent_image=self.options.agent_image, cert_dir=self.options.cert_dir,
+                                          own_namespace=self.options.namespace),
                           policy_store=self.policy_store)
 
 

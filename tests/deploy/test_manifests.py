@@ -37,8 +37,8 @@ def _crd_docs():
     return render.load_yaml_docs(render.BASE_DIR / render.POLICY_CRD_FILE)
 
 
-def _sample_docs():
-    return render.load_yaml_docs(render.BASE_DIR / render.SAMPLE_POLICY_FILE)
+def _example_docs():
+    return render.load_example_docs()
 
 
 def _key(obj):
@@ -66,8 +66,8 @@ def kustomize(overlay: str) -> list[dict]:
     return copy.deepcopy(_BUILT[overlay])
 
 
-def rendered(opts: render.RenderOptions) -> list[dict]:
-    return render.render(opts, _crd_docs(), _sample_docs())
+def rendered(opts: render.RenderOptions, examples: bool = False) -> list[dict]:
+    return render.render(opts, _crd_docs(), _example_docs() if examples else [])
 
 
 def _all_sets():
@@ -120,7 +120,8 @@ def test_every_object_validates_against_its_schema():
     """Built-in kinds: the Kubernetes JSON schemas (strict: no unknown fields). Our CRD kinds: the CRD's own
     openAPIV3Schema. cert-manager kinds have no schema here: their structure is asserted in the next test."""
     checked = {"k8s": 0, "crd": 0, "structure": 0}
-    for label, objs in _all_sets():
+    with_examples = ("render with examples", rendered(render.RenderOptions(), examples=True))
+    for label, objs in [*_all_sets(), with_examples]:
         crds = [o for o in objs if o["kind"] == "CustomResourceDefinition"]
         for obj in objs:
             group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
@@ -140,6 +141,78 @@ def test_every_object_validates_against_its_schema():
                     pytest.fail(f"{label}: {_key(obj)} invalid for Kubernetes {version}: {exc}")
             checked["k8s"] += 1
     assert checked["k8s"] > 50 and checked["crd"] >= 1 and checked["structure"] >= 4
+
+
+def test_examples_build_and_validate_against_the_base_crd():
+    """manifests/examples (sample policy + its namespace) is what `manifests --sample-policy` adds."""
+    examples = kustomize("examples")
+    assert sorted(_key(o) for o in examples) == [
+        ("EgressBypassPolicy", "high-performance-app", "allow-kafka-egress"),
+        ("Namespace", "", "high-performance-app")]
+    assert _by_key(examples) == _by_key(_example_docs())
+    full = _by_key(rendered(render.RenderOptions(), examples=True))
+    assert all(full[_key(o)] == o for o in examples)
+    crds = [o for o in kustomize("base") if o["kind"] == "CustomResourceDefinition"]
+    for obj in examples:
+        if obj["kind"] == "Namespace":
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(obj, version, strict=True)
+        else:
+            jsonschema.validate(obj, _crd_schema(crds, obj))
+    # and the policy engine accepts the sample as it is shipped
+    from webhook import policy
+    policies = policy.parse_policy_documents([o for o in examples if o["kind"] == "EgressBypassPolicy"], "examples")
+    assert policies.allow_list_for("high-performance-app", {"app": "producer"}) == ["172.20.0.0/16:9092"]
+
+
+_CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                   "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"}
+
+
+@pytest.mark.parametrize("overlay", list(BUILDS))
+def test_every_namespaced_object_lives_in_a_namespace_the_build_creates(overlay):
+    """`kubectl apply -k` of a build on an empty cluster must not fail with 'namespaces ... not found'
+    (the sample policy in high-performance-app used to be in the base)."""
+    objs = kustomize(overlay)
+    created = {o["metadata"]["name"] for o in objs if o["kind"] == "Namespace"}
+    for obj in objs:
+        if obj["kind"] not in _CLUSTER_SCOPED:
+            assert obj["metadata"].get("namespace") in created, f"{overlay}: {_key(obj)}"
+
+
+def _webhook_container(objs):
+    deploy = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == render.WEBHOOK_NAME][0]
+    pod = deploy["spec"]["template"]["spec"]
+    return [c for c in pod["containers"] if c["name"] == "webhook"][0], pod
+
+
+@pytest.mark.parametrize("overlay", list(BUILDS))
+def test_server_watches_policy_crds_and_reads_settings_from_its_configmap(overlay):
+    from webhook import cli, policy
+    objs = kustomize(overlay)
+    web, pod = _webhook_container(objs)
+    # The real CLI parser accepts the Deployment's command line, with the values we mean.
+    args = cli.build_parser().parse_args([*web["command"][1:], *web["args"]])
+    assert args.command == "serve" and args.policy_crds == "on"
+    assert args.namespace == render.DEFAULT_NAMESPACE
+    assert args.policy == f"{render.POLICY_DIR}/{render.POLICY_FILE_KEY}"
+    (mount,) = [m for m in web["volumeMounts"] if m["mountPath"] == render.POLICY_DIR]
+    assert mount.get("readOnly") is True and "subPath" not in mount   # subPath mounts never see updates
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    cm = _by_key(objs)[("ConfigMap", render.DEFAULT_NAMESPACE, volume["configMap"]["name"])]
+    settings = policy.parse_policy_text(cm["data"][render.POLICY_FILE_KEY], overlay).settings
+    assert settings.cluster_policy_namespace == render.DEFAULT_NAMESPACE
+    assert settings.default_mode == ("Warn" if "warn-first" in overlay else "Enforce")
+
+
+def test_rendered_settings_follow_the_chosen_namespace():
+    from webhook import policy
+    objs = rendered(render.RenderOptions(namespace="mesh-admission"))
+    cm = _by_key(objs)[("ConfigMap", "mesh-admission", render.POLICY_CONFIGMAP)]
+    settings = policy.parse_policy_text(cm["data"][render.POLICY_FILE_KEY], "render").settings
+    assert settings.cluster_policy_namespace == settings.exemption_namespace == "mesh-admission"
+    web, _pod = _webhook_container(objs)
+    assert "--namespace=mesh-admission" in web["args"]
 
 
 def test_cert_manager_objects_are_wired_together():
@@ -378,6 +451,18 @@ def test_cli_renders_chosen_namespace_and_image(tmp_path):
     assert images == {"registry.example/bpfinit:1.2.3"}
     cert = [o for o in objs if o["kind"] == "Certificate" and o["metadata"]["name"] == render.WEBHOOK_NAME][0]
     assert "bpfinit-webhook.mesh-admission.svc" in cert["spec"]["dnsNames"]
+    assert not [o for o in objs if o["apiVersion"].split("/")[0] == render.POLICY_GROUP], \
+        "the sample policy is only rendered on request"
+
+
+def test_cli_sample_policy_adds_the_example_with_its_namespace():
+    proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", "--sample-policy"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    objs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    namespaces = {o["metadata"]["name"] for o in objs if o["kind"] == "Namespace"}
+    (sample,) = [o for o in objs if o["kind"] == "EgressBypassPolicy"]
+    assert sample["metadata"]["namespace"] in namespaces
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -9,8 +9,8 @@ from webhook.policy import (VECTORS, PolicyError, parse_destination, parse_polic
 
 from .corpus import policy_doc, settings_doc
 
-REPO_SAMPLE = __import__("pathlib").Path(__file__).resolve().parents[2] / "manifests" / "base" / "sample-policy.yaml"
-CRD = REPO_SAMPLE.with_name("egressbypasspolicy-crd.yaml")
+REPO_SAMPLE = __import__("pathlib").Path(__file__).resolve().parents[2] / "manifests" / "examples" / "sample-policy.yaml"
+CRD = REPO_SAMPLE.parents[1] / "base" / "egressbypasspolicy-crd.yaml"
 
 
 def parse(*docs):

@@ -79,15 +79,17 @@ class WebhookServer:
                 self.process.wait(timeout=10)
 
 
-def start_server(tmp: Path, *extra: str, workers: int = 2, cert_dir: Path | None = None) -> WebhookServer:
-    """Start the server; retried on another port if the chosen one was taken meanwhile."""
+def start_server(tmp: Path, *extra: str, workers: int = 2, cert_dir: Path | None = None,
+                 launcher: list[str] | None = None) -> WebhookServer:
+    """Start the server; retried on another port if the chosen one was taken meanwhile.
+    `launcher` replaces `bpfinit-webhook serve` (a script that takes the same flags)."""
     cert_dir = cert_dir or tmp / "certs"
     for attempt in range(3):
         port = free_port()
         log_path = tmp / f"server-{port}.log"
         log = open(log_path, "wb")
         process = subprocess.Popen(
-            [str(WEBHOOK_BIN), "serve", "--host", "127.0.0.1", "--port", str(port), "--cert-dir", str(cert_dir),
+            [*(launcher or [str(WEBHOOK_BIN), "serve"]), "--host", "127.0.0.1", "--port", str(port), "--cert-dir", str(cert_dir),
              "--metrics-dir", str(tmp / f"metrics-{port}"), "--agent-image", AGENT_IMAGE,
              "--workers", str(workers), *extra],
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -79,11 +79,15 @@ def check_swapped(before: dict, after: dict) -> None:
         assert agent[key] == istio_init[key], key
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     assert mounts["/sys/fs/bpf"].get("readOnly") is not True
-    for path in ("/sys/fs/cgroup", "/lib/modules", "/usr/src", "/etc/bpfinit/podinfo"):
+    for path in ("/sys/fs/cgroup", "/host/lib/modules", "/host/usr/src", "/etc/bpfinit/podinfo"):
         assert mounts[path]["readOnly"] is True
+    # The node's headers never hide the image's own /usr/src and /lib/modules.
+    assert "/usr/src" not in mounts and "/lib/modules" not in mounts
     volumes = {v["name"]: v for v in after["spec"]["volumes"]}
     assert volumes["bpfinit-bpffs"]["hostPath"]["path"] == "/sys/fs/bpf"
     assert volumes["bpfinit-cgroup"]["hostPath"]["path"] == "/sys/fs/cgroup"
+    assert volumes[mounts["/host/lib/modules"]["name"]]["hostPath"]["path"] == "/lib/modules"
+    assert volumes[mounts["/host/usr/src"]["name"]]["hostPath"]["path"] == "/usr/src"
     assert all(m["name"] in volumes for m in agent["volumeMounts"])
     # Pod volumes of Istio and the user are all still there, in order, before ours.
     before_volumes = before["spec"].get("volumes") or []
