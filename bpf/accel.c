@@ -30,27 +30,19 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
     __u32 l4 = skops->local_ip4, r4 = skops->remote_ip4;
     __u32 l0 = skops->local_ip6[0], l1 = skops->local_ip6[1], l2 = skops->local_ip6[2], l3 = skops->local_ip6[3];
     __u32 r0 = skops->remote_ip6[0], r1 = skops->remote_ip6[1], r2 = skops->remote_ip6[2], r3 = skops->remote_ip6[3];
+    if (key.family != AF_INET && key.family != AF_INET6)
+        return;
+    addr_from_words(key.local, key.family, l4, l0, l1, l2, l3);
+    addr_from_words(key.remote, key.family, r4, r0, r1, r2, r3);
     if (key.family == AF_INET) {
-        key.local[0] = l4;
-        key.remote[0] = r4;
         /* loopback only: both ends in this netns (127/8, or the pod IP talking to itself) */
         if ((bpf_ntohl(r4) >> 24) != 127 && r4 != l4)
             return;
-    } else if (key.family == AF_INET6) {
-        key.local[0] = l0;
-        key.local[1] = l1;
-        key.local[2] = l2;
-        key.local[3] = l3;
-        key.remote[0] = r0;
-        key.remote[1] = r1;
-        key.remote[2] = r2;
-        key.remote[3] = r3;
+    } else {
         int same = l0 == r0 && l1 == r1 && l2 == r2 && l3 == r3;
         int lo = r0 == 0 && r1 == 0 && r2 == 0 && r3 == bpf_htonl(1);
         if (!same && !lo && !bi_is_passthrough(AF_INET6, key.remote))
             return;
-    } else {
-        return;
     }
     __u32 p = cfg->proxy_port, z = cfg->inbound_capture_port;
     int outbound = key.lport == p || key.rport == p;
@@ -75,19 +67,8 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
     peer.family = msg->family;
     peer.lport = bpf_ntohl(msg->remote_port);
     peer.rport = msg->local_port;
-    if (peer.family == AF_INET) {
-        peer.local[0] = r4;
-        peer.remote[0] = l4;
-    } else {
-        peer.local[0] = r0;
-        peer.local[1] = r1;
-        peer.local[2] = r2;
-        peer.local[3] = r3;
-        peer.remote[0] = l0;
-        peer.remote[1] = l1;
-        peer.remote[2] = l2;
-        peer.remote[3] = l3;
-    }
+    addr_from_words(peer.local, peer.family, r4, r0, r1, r2, r3);   /* the peer's local end is our remote */
+    addr_from_words(peer.remote, peer.family, l4, l0, l1, l2, l3);
     bi_accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
     return SK_PASS;   /* redirected if the peer is in the map; otherwise the normal path, never a drop */
 }

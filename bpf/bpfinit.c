@@ -4,11 +4,10 @@
 #include <uapi/linux/ptrace.h>
 
 #include "maps.h"
-#include "common.h"
-
 #if __has_include("events.h")
-#include "events.h"
+#include "events.h"   /* again: its helper half (record()) now that maps.h is complete */
 #endif
+#include "common.h"   /* shared helpers: after the maps and record() they use */
 
 /* Parts owned by other engineers are included when present; they may define the hook macros
  * (BPFINIT_DNS_TCP_CONNECT_HOOK, BPFINIT_SOCKOPS_HOOK) before the core hooks below. */

@@ -1,4 +1,5 @@
-/* bpfinit: small helpers shared by every hook (verdict/reason/dir numbers live in events.h). */
+/* bpfinit: helpers shared by every hook. bpfinit.c includes this after maps.h and events.h, so the
+ * helpers may use the maps and record() (verdict/reason/dir numbers live in events.h). */
 #ifndef BPFINIT_COMMON_H
 #define BPFINIT_COMMON_H
 
@@ -13,9 +14,160 @@
 #define LOOPBACK4_BE    0x0100007fu   /* 127.0.0.1, network order on a little-endian host */
 #define PASSTHROUGH4_BE 0x0600007fu   /* 127.0.0.6 */
 
+/* ::ffff:a.b.c.d (network order words): IPv4 through an AF_INET6 socket. */
 static __always_inline int is_v4_mapped(const __u32 *a)
 {
     return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
 }
+
+/* An address from words already loaded from a ctx (load them unconditionally: a load inside an if/else
+ * on the family makes clang load through a selected ctx pointer, which the verifier rejects). */
+static __always_inline void addr_from_words(__u32 *dst, __u32 family, __u32 a4,
+                                            __u32 w0, __u32 w1, __u32 w2, __u32 w3)
+{
+    if (family == AF_INET) {
+        dst[0] = a4;
+        return;
+    }
+    dst[0] = w0;
+    dst[1] = w1;
+    dst[2] = w2;
+    dst[3] = w3;
+}
+
+/* ------------------------------------------------------------------ per-pod lists (maps.h) */
+
+/* Longest-prefix match of a full address in the pod's CIDR list `kind` (IPv4 in dst[0]). */
+static __always_inline __u32 *cidr_lookup(int v6, __u32 pod_idx, __u32 kind, const __u32 *dst)
+{
+    if (!v6) {
+        struct cidr4_key k4 = {};
+        k4.prefixlen = 64 + 32;
+        k4.pod_idx_be = bpf_htonl(pod_idx);
+        k4.kind_be = bpf_htonl(kind);
+        k4.addr_be = dst[0];
+        return cidr4.lookup(&k4);
+    }
+    struct cidr6_key k6 = {};
+    k6.prefixlen = 64 + 128;
+    k6.pod_idx_be = bpf_htonl(pod_idx);
+    k6.kind_be = bpf_htonl(kind);
+    k6.addr_be[0] = dst[0];
+    k6.addr_be[1] = dst[1];
+    k6.addr_be[2] = dst[2];
+    k6.addr_be[3] = dst[3];
+    return cidr6.lookup(&k6);
+}
+
+/* Is `value` in the pod's exact-match list `kind` (ids, ports, interface indexes)? */
+static __always_inline int id_member(__u32 pod_idx, __u32 kind, __u32 value)
+{
+    struct id_key k = {};
+    k.pod_idx = pod_idx;
+    k.kind = kind;
+    k.value = value;
+    return pod_ids.lookup(&k) != 0;
+}
+
+/* istio's owner-group rule (step 10): outside the include list, or inside the exclude list, bypasses. */
+static __always_inline int owner_group_bypass(const struct pod_cfg *cfg, __u32 gid)
+{
+    int member = id_member(cfg->pod_idx, ID_OWNER_GROUP, gid);
+    return (cfg->flags & CFG_OWNER_INCLUDE) ? !member : member;
+}
+
+/* ------------------------------------------------------------------ sock_addr hooks (connect, sendmsg) */
+
+/* The destination the application asked for, into dst (network order, IPv4 in dst[0]). Returns 1 for
+ * IPv6 proper, 0 for IPv4, including IPv4 through an AF_INET6 socket (then *mapped = 1): the iptables
+ * rules, not the ip6tables ones, apply to it. `hook6` must be a constant: the verifier rejects any
+ * access to user_ip6 in a *4 hook (and user_ip4 in a *6 hook), even on a dead path. */
+static __always_inline int sock_addr_dst(struct bpf_sock_addr *ctx, const int hook6, __u32 *dst, int *mapped)
+{
+    *mapped = 0;
+    if (!hook6) {
+        dst[0] = ctx->user_ip4;
+        return 0;
+    }
+    dst[0] = ctx->user_ip6[0];
+    dst[1] = ctx->user_ip6[1];
+    dst[2] = ctx->user_ip6[2];
+    dst[3] = ctx->user_ip6[3];
+    if (!is_v4_mapped(dst))
+        return 1;
+    *mapped = 1;
+    dst[0] = dst[3];
+    dst[2] = 0;
+    dst[3] = 0;
+    return 0;
+}
+
+/* Send the socket to a loopback port of its own family: 127.0.0.1, ::1, or ::ffff:127.0.0.1 for IPv4 on
+ * an AF_INET6 socket. Volatile stores: clang must not merge two 32-bit ctx stores (verifier). */
+static __always_inline void sock_addr_to_loopback(struct bpf_sock_addr *ctx, const int hook6, int mapped,
+                                                  __u16 port)
+{
+    if (!hook6) {
+        *(volatile __u32 *)&ctx->user_ip4 = LOOPBACK4_BE;
+    } else {
+        *(volatile __u32 *)&ctx->user_ip6[0] = 0;
+        *(volatile __u32 *)&ctx->user_ip6[1] = 0;
+        *(volatile __u32 *)&ctx->user_ip6[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
+        *(volatile __u32 *)&ctx->user_ip6[3] = mapped ? LOOPBACK4_BE : bpf_htonl(1);
+    }
+    *(volatile __u32 *)&ctx->user_port = bpf_htons(port);
+}
+
+/* ------------------------------------------------------------------ decision recording (events.h) */
+/* Used by sk_lookup.c, dns.c and accel.c. Without the observability helpers they compile to nothing. */
+#if defined(BPFINIT_EVENTS_HELPERS)
+#define BI_TUPLE(t) struct flow_tuple t
+#define BI_FLOW(fn, t, ctx) fn(&(t), ctx)
+#define BI_SET_DST_PORT(t, port) ((t).dst_port = (port))
+#define BI_SET_DST4(t, a, port) flow_set_dst4(&(t), a, port)
+#define BI_SET_DST6_LO(t, port) do { __u32 lo6_[4] = {0, 0, 0, bpf_htonl(1)}; flow_set_dst6(&(t), lo6_, port); } while (0)
+#define BI_RECORD(ctx, pod_idx, dir, verdict, reason, t) record(ctx, 0, pod_idx, dir, verdict, reason, &(t))
+/* sock_addr hooks: the wrapper that matches the (constant) hook family */
+#define BI_FLOW_SOCK_ADDR(t, ctx, hook6) \
+    do { if (!(hook6)) flow_from_sock_addr4(&(t), ctx); else flow_from_sock_addr6(&(t), ctx); } while (0)
+
+/* flow_from_sock_ops with volatile ctx loads: in an if/else on the family clang otherwise loads through
+ * one selected ctx pointer ("dereference of modified ctx ptr", seen on this kernel with bcc 0.26). */
+static __always_inline void bi_flow_from_sock_ops(struct flow_tuple *t, struct bpf_sock_ops *skops)
+{
+    flow_zero(t);
+    __u32 family = *(volatile __u32 *)&skops->family;
+    t->family = family;
+    t->l4_proto = 6;
+    t->src_port = (__u16)*(volatile __u32 *)&skops->local_port;
+    t->dst_port = (__u16)bpf_ntohl(*(volatile __u32 *)&skops->remote_port);
+    if (family == AF_INET) {
+        t->src_addr[0] = *(volatile __u32 *)&skops->local_ip4;
+        t->dst_addr[0] = *(volatile __u32 *)&skops->remote_ip4;
+    } else {
+        t->src_addr[0] = *(volatile __u32 *)&skops->local_ip6[0];
+        t->src_addr[1] = *(volatile __u32 *)&skops->local_ip6[1];
+        t->src_addr[2] = *(volatile __u32 *)&skops->local_ip6[2];
+        t->src_addr[3] = *(volatile __u32 *)&skops->local_ip6[3];
+        t->dst_addr[0] = *(volatile __u32 *)&skops->remote_ip6[0];
+        t->dst_addr[1] = *(volatile __u32 *)&skops->remote_ip6[1];
+        t->dst_addr[2] = *(volatile __u32 *)&skops->remote_ip6[2];
+        t->dst_addr[3] = *(volatile __u32 *)&skops->remote_ip6[3];
+    }
+    t->orig_dst_port = t->dst_port;
+    t->orig_dst_addr[0] = t->dst_addr[0];
+    t->orig_dst_addr[1] = t->dst_addr[1];
+    t->orig_dst_addr[2] = t->dst_addr[2];
+    t->orig_dst_addr[3] = t->dst_addr[3];
+}
+#else
+#define BI_TUPLE(t) int t = 0
+#define BI_FLOW(fn, t, ctx) do { (void)(t); } while (0)
+#define BI_SET_DST_PORT(t, port) do { (void)(t); } while (0)
+#define BI_SET_DST4(t, a, port) do { (void)(t); } while (0)
+#define BI_SET_DST6_LO(t, port) do { (void)(t); } while (0)
+#define BI_RECORD(ctx, pod_idx, dir, verdict, reason, t) do { (void)(t); } while (0)
+#define BI_FLOW_SOCK_ADDR(t, ctx, hook6) do { (void)(t); } while (0)
+#endif
 
 #endif

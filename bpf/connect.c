@@ -19,36 +19,6 @@ struct out_req {
     int src_passthrough;  /* bound to 127.0.0.6 / ::6 */
 };
 
-static __always_inline __u32 *cidr_lookup(int v6, __u32 pod_idx, __u32 kind, const __u32 *dst)
-{
-    if (!v6) {
-        struct cidr4_key k4 = {};
-        k4.prefixlen = 96;
-        k4.pod_idx_be = bpf_htonl(pod_idx);
-        k4.kind_be = bpf_htonl(kind);
-        k4.addr_be = dst[0];
-        return cidr4.lookup(&k4);
-    }
-    struct cidr6_key k6 = {};
-    k6.prefixlen = 192;
-    k6.pod_idx_be = bpf_htonl(pod_idx);
-    k6.kind_be = bpf_htonl(kind);
-    k6.addr_be[0] = dst[0];
-    k6.addr_be[1] = dst[1];
-    k6.addr_be[2] = dst[2];
-    k6.addr_be[3] = dst[3];
-    return cidr6.lookup(&k6);
-}
-
-static __always_inline int id_member(__u32 pod_idx, __u32 kind, __u32 value)
-{
-    struct id_key k = {};
-    k.pod_idx = pod_idx;
-    k.kind = kind;
-    k.value = value;
-    return pod_ids.lookup(&k) != 0;
-}
-
 /* The loopback CIDR of rule 12 / the `! -d` of rule 9a: ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR, or ::1/128. */
 static __always_inline int in_loopback_cidr(const struct pod_cfg *cfg, const struct out_req *r)
 {
@@ -127,8 +97,7 @@ static __always_inline int outbound_decide_early(const struct pod_cfg *cfg, cons
     if (act >= 0)
         return act;
     /* 10. owner groups (primary gid of the calling task; see agent.md for supplementary groups) */
-    int member = id_member(idx, ID_OWNER_GROUP, r->gid);
-    if ((cfg->flags & CFG_OWNER_INCLUDE) ? !member : member) {
+    if (owner_group_bypass(cfg, r->gid)) {
         *reason = REASON_OWNER_GROUP;
         return ACT_BYPASS;
     }
@@ -242,9 +211,7 @@ static __always_inline int outbound_connect(struct bpf_sock_addr *ctx, const str
     if (act < 0) {
 #if __has_include("dns.c")
         /* 11. DNS (TCP here; UDP connect too, below): redirected to the DNS proxy by dns.c */
-        if (!r->v6 && !is6 && bi_dns_connect4(ctx, cfg->pod_idx))
-            return -1;
-        if (r->v6 && is6 && bi_dns_connect6(ctx, cfg->pod_idx))
+        if (bi_dns_connect(ctx, is6))   /* is6: the hook's family; v4-mapped servers follow the v4 rules */
             return -1;
 #endif
         if (ctx->type != SOCK_STREAM)
@@ -260,7 +227,43 @@ static __always_inline int outbound_connect(struct bpf_sock_addr *ctx, const str
     return act;
 }
 
-int bpfinit_connect4(struct bpf_sock_addr *ctx)
+/* Carry out the decision: EPERM, leave alone, or rewrite the destination to the proxy. */
+static __always_inline int apply_decision(struct bpf_sock_addr *ctx, __u64 cookie, const struct pod_cfg *cfg,
+                                          const struct out_req *r, __u16 port_be, int act, int reason,
+                                          const int is6, int mapped)
+{
+    if (act < 0)
+        return 1;   /* dns.c redirected it */
+    if (act == ACT_DENY) {
+        emit(ctx, cookie, cfg, r, VERDICT_DENIED, reason, act);
+        return 0;   /* EPERM */
+    }
+    if (act == ACT_BYPASS) {
+        if (ctx->type == SOCK_STREAM)
+            emit(ctx, cookie, cfg, r, VERDICT_BYPASSED, reason, act);
+        return 1;
+    }
+    remember_orig(ctx->sk, cfg, r, port_be, act);
+    sock_addr_to_loopback(ctx, is6, mapped, act == ACT_HAIRPIN ? cfg->inbound_capture_port : cfg->proxy_port);
+    emit(ctx, cookie, cfg, r, VERDICT_REDIRECTED, reason, act);
+    return 1;
+}
+
+/* Bound to the inbound passthrough source (127.0.0.6, ::6, or ::ffff:127.0.0.6)? */
+static __always_inline int bound_to_passthrough(struct bpf_sock *sk, const int is6, int mapped)
+{
+    if (!sk)
+        return 0;
+    if (!is6)
+        return sk->src_ip4 == PASSTHROUGH4_BE;
+    __u32 src[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+    if (mapped)
+        return is_v4_mapped(src) && src[3] == PASSTHROUGH4_BE;
+    return src[0] == 0 && src[1] == 0 && src[2] == 0 && src[3] == bpf_htonl(6);
+}
+
+/* connect4 / connect6; `is6` is a constant (the verifier's per-hook ctx rules). */
+static __always_inline int outbound_hook(struct bpf_sock_addr *ctx, const int is6)
 {
     if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
         return 1;
@@ -269,91 +272,25 @@ int bpfinit_connect4(struct bpf_sock_addr *ctx)
     if (!cfg)
         return 1;
     struct out_req r = {};
-    r.dst[0] = ctx->user_ip4;
+    int mapped;
+    r.v6 = sock_addr_dst(ctx, is6, r.dst, &mapped);
+    if (r.v6 && !(cfg->flags & CFG_IPV6))
+        return 1;    /* istio programs no ip6tables rules for an IPv4 pod */
     __u16 port_be = (__u16)ctx->user_port;
     r.dport = bpf_ntohs(port_be);
     fill_ids(&r);
-    struct bpf_sock *sk = ctx->sk;
-    if (sk && sk->src_ip4 == PASSTHROUGH4_BE)
-        r.src_passthrough = 1;
+    r.src_passthrough = bound_to_passthrough(ctx->sk, is6, mapped);
     int reason = REASON_NONE;
-    int act = outbound_connect(ctx, cfg, &r, 0, &reason);
-    if (act < 0)
-        return 1;
-    if (act == ACT_DENY) {
-        emit(ctx, cookie, cfg, &r, VERDICT_DENIED, reason, act);
-        return 0;   /* EPERM */
-    }
-    if (act == ACT_BYPASS) {
-        if (ctx->type == SOCK_STREAM)
-            emit(ctx, cookie, cfg, &r, VERDICT_BYPASSED, reason, act);
-        return 1;
-    }
-    remember_orig(sk, cfg, &r, port_be, act);
-    ctx->user_ip4 = LOOPBACK4_BE;
-    ctx->user_port = bpf_htons(act == ACT_HAIRPIN ? cfg->inbound_capture_port : cfg->proxy_port);
-    emit(ctx, cookie, cfg, &r, VERDICT_REDIRECTED, reason, act);
-    return 1;
+    int act = outbound_connect(ctx, cfg, &r, is6, &reason);
+    return apply_decision(ctx, cookie, cfg, &r, port_be, act, reason, is6, mapped);
+}
+
+int bpfinit_connect4(struct bpf_sock_addr *ctx)
+{
+    return outbound_hook(ctx, 0);
 }
 
 int bpfinit_connect6(struct bpf_sock_addr *ctx)
 {
-    if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
-        return 1;
-    __u64 cookie = bpf_get_netns_cookie(ctx);
-    struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
-    if (!cfg)
-        return 1;
-    struct out_req r = {};
-    __u32 d0 = ctx->user_ip6[0], d1 = ctx->user_ip6[1], d2 = ctx->user_ip6[2], d3 = ctx->user_ip6[3];
-    int mapped = d0 == 0 && d1 == 0 && d2 == bpf_htonl(0x0000ffff);
-    if (mapped) {
-        r.dst[0] = d3;   /* IPv4 on a dual-stack socket: the IPv4 (iptables) rules apply */
-    } else {
-        if (!(cfg->flags & CFG_IPV6))
-            return 1;    /* istio programs no ip6tables rules for an IPv4 pod */
-        r.v6 = 1;
-        r.dst[0] = d0;
-        r.dst[1] = d1;
-        r.dst[2] = d2;
-        r.dst[3] = d3;
-    }
-    __u16 port_be = (__u16)ctx->user_port;
-    r.dport = bpf_ntohs(port_be);
-    fill_ids(&r);
-    struct bpf_sock *sk = ctx->sk;
-    if (sk) {
-        if (mapped)
-            r.src_passthrough = sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 &&
-                                sk->src_ip6[2] == bpf_htonl(0x0000ffff) && sk->src_ip6[3] == PASSTHROUGH4_BE;
-        else
-            r.src_passthrough = sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 && sk->src_ip6[2] == 0 &&
-                                sk->src_ip6[3] == bpf_htonl(6);
-    }
-    int reason = REASON_NONE;
-    int act = outbound_connect(ctx, cfg, &r, 1, &reason);
-    if (act < 0)
-        return 1;
-    if (act == ACT_DENY) {
-        emit(ctx, cookie, cfg, &r, VERDICT_DENIED, reason, act);
-        return 0;   /* EPERM */
-    }
-    if (act == ACT_BYPASS) {
-        if (ctx->type == SOCK_STREAM)
-            emit(ctx, cookie, cfg, &r, VERDICT_BYPASSED, reason, act);
-        return 1;
-    }
-    remember_orig(sk, cfg, &r, port_be, act);
-    ctx->user_ip6[0] = 0;
-    ctx->user_ip6[1] = 0;
-    if (mapped) {
-        ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
-        ctx->user_ip6[3] = LOOPBACK4_BE;
-    } else {
-        ctx->user_ip6[2] = 0;
-        ctx->user_ip6[3] = bpf_htonl(1);
-    }
-    ctx->user_port = bpf_htons(act == ACT_HAIRPIN ? cfg->inbound_capture_port : cfg->proxy_port);
-    emit(ctx, cookie, cfg, &r, VERDICT_REDIRECTED, reason, act);
-    return 1;
+    return outbound_hook(ctx, 1);
 }

@@ -10,33 +10,15 @@
  *   -k NIC          : treated as outbound: to <-p> when the destination is in -i, else not captured
  *   -e port (15008) : never captured
  *   -b '*' minus -d, or the -b list
+ *   IPv6            : only for pods istio calls "IPv6" (CFG_IPV6); otherwise ip6tables has no rules
  * Locally originated connections (pod -> own IP, loopback) never see nat PREROUTING in iptables either,
  * so they pass here; the proxy's hairpin to its own pod IP is handled at connect time (connect4/6).
  * Captured but nobody listens on <-z> => SK_DROP, which the kernel answers with a RST: the connection
  * is refused and never reaches the application unproxied.
  */
 
-/* Decision recording (bpf/events.h). Without the observability helpers it compiles to nothing. */
-#ifndef BI_RECORD
-#if defined(BPFINIT_EVENTS_HELPERS)
-#define BI_TUPLE(t) struct flow_tuple t
-#define BI_FLOW(fn, t, ctx) fn(&(t), ctx)
-#define BI_SET_DST_PORT(t, port) ((t).dst_port = (port))
-#define BI_SET_DST4(t, a, port) flow_set_dst4(&(t), a, port)
-#define BI_SET_DST6_LO(t, port) do { __u32 lo6_[4] = {0, 0, 0, bpf_htonl(1)}; flow_set_dst6(&(t), lo6_, port); } while (0)
-#define BI_RECORD(ctx, pod_idx, dir, verdict, reason, t) record(ctx, 0, pod_idx, dir, verdict, reason, &(t))
-#else
-#define BI_TUPLE(t) int t = 0
-#define BI_FLOW(fn, t, ctx) do { (void)(t); } while (0)
-#define BI_SET_DST_PORT(t, port) do { (void)(t); } while (0)
-#define BI_SET_DST4(t, a, port) do { (void)(t); } while (0)
-#define BI_SET_DST6_LO(t, port) do { (void)(t); } while (0)
-#define BI_RECORD(ctx, pod_idx, dir, verdict, reason, t) do { (void)(t); } while (0)
-#endif
-#endif
-
-/* flow_from_sock_ops with volatile ctx loads: in an if/else on the family clang otherwise loads through
- * one selected ctx pointer ("dereference of modified ctx ptr", seen on this kernel with bcc 0.26). */
+/* The event tuple from addresses already loaded (the ctx loads are volatile in the program; see
+ * bi_flow_from_sock_ops in common.h). BI_TUPLE/BI_RECORD and friends: common.h. */
 #if defined(BPFINIT_EVENTS_HELPERS) && !defined(BI_FLOW_LOOKUP)
 static __always_inline void bi_flow_from_lookup(struct flow_tuple *t, struct bpf_sk_lookup *ctx,
                                                 const struct bi_addr_key *src, const struct bi_addr_key *dst)
@@ -59,37 +41,6 @@ static __always_inline void bi_flow_from_lookup(struct flow_tuple *t, struct bpf
 #define BI_FLOW_LOOKUP(t, ctx, src, dst) do { (void)(t); } while (0)
 #endif
 
-#if defined(BPFINIT_EVENTS_HELPERS) && !defined(BI_FLOW_SOCKOPS_DEFINED)
-#define BI_FLOW_SOCKOPS_DEFINED
-static __always_inline void bi_flow_from_sock_ops(struct flow_tuple *t, struct bpf_sock_ops *skops)
-{
-    flow_zero(t);
-    __u32 family = *(volatile __u32 *)&skops->family;
-    t->family = family;
-    t->l4_proto = 6;
-    t->src_port = (__u16)*(volatile __u32 *)&skops->local_port;
-    t->dst_port = (__u16)bpf_ntohl(*(volatile __u32 *)&skops->remote_port);
-    if (family == AF_INET) {
-        t->src_addr[0] = *(volatile __u32 *)&skops->local_ip4;
-        t->dst_addr[0] = *(volatile __u32 *)&skops->remote_ip4;
-    } else {
-        t->src_addr[0] = *(volatile __u32 *)&skops->local_ip6[0];
-        t->src_addr[1] = *(volatile __u32 *)&skops->local_ip6[1];
-        t->src_addr[2] = *(volatile __u32 *)&skops->local_ip6[2];
-        t->src_addr[3] = *(volatile __u32 *)&skops->local_ip6[3];
-        t->dst_addr[0] = *(volatile __u32 *)&skops->remote_ip6[0];
-        t->dst_addr[1] = *(volatile __u32 *)&skops->remote_ip6[1];
-        t->dst_addr[2] = *(volatile __u32 *)&skops->remote_ip6[2];
-        t->dst_addr[3] = *(volatile __u32 *)&skops->remote_ip6[3];
-    }
-    t->orig_dst_port = t->dst_port;
-    t->orig_dst_addr[0] = t->dst_addr[0];
-    t->orig_dst_addr[1] = t->dst_addr[1];
-    t->orig_dst_addr[2] = t->dst_addr[2];
-    t->orig_dst_addr[3] = t->dst_addr[3];
-}
-#endif
-
 static __always_inline int bi_is_loopback(const struct bi_addr_key *k)
 {
     if (k->family == AF_INET)
@@ -97,15 +48,6 @@ static __always_inline int bi_is_loopback(const struct bi_addr_key *k)
     /* ::1 and ::6 (Envoy's v6 passthrough source) */
     return k->addr[0] == 0 && k->addr[1] == 0 && k->addr[2] == 0 &&
            (k->addr[3] == bpf_htonl(1) || k->addr[3] == bpf_htonl(6));
-}
-
-static __always_inline int bi_in_set(__u32 pod_idx, __u32 kind, __u32 value)
-{
-    struct id_key k = {};
-    k.pod_idx = pod_idx;
-    k.kind = kind;
-    k.value = value;
-    return pod_ids.lookup(&k) != 0;
 }
 
 /* Select the pod's listener for `slot`; v4 traffic may also go to a dual-stack v6 listener. */
@@ -171,6 +113,10 @@ int bpfinit_sk_lookup(struct bpf_sk_lookup *ctx)
     struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
     if (!cfg || cfg->pod_idx != pod_idx)
         return SK_PASS;
+    /* istio programs no ip6tables rules for a pod that is not "IPv6" (contract §1.5): its v6 inbound
+     * reaches the app directly there, so it must here too (the proxy may not even listen on v6). */
+    if (family == AF_INET6 && !(cfg->flags & CFG_IPV6))
+        return SK_PASS;
 
     BI_TUPLE(t);
     BI_FLOW_LOOKUP(t, ctx, &src, &dst);
@@ -178,11 +124,11 @@ int bpfinit_sk_lookup(struct bpf_sk_lookup *ctx)
     __u32 slot = BI_SLOT_INBOUND;
     __u16 target = cfg->inbound_capture_port;
 
-    if (bi_in_set(pod_idx, IFACE_EXCLUDE, ctx->ingress_ifindex)) {
+    if (id_member(pod_idx, IFACE_EXCLUDE, ctx->ingress_ifindex)) {
         BI_RECORD(ctx, pod_idx, DIR_INBOUND, VERDICT_BYPASSED, REASON_INTERFACE, t);
         return SK_PASS;
     }
-    if (bi_in_set(pod_idx, IFACE_VIRT, ctx->ingress_ifindex)) {
+    if (id_member(pod_idx, IFACE_VIRT, ctx->ingress_ifindex)) {
         if (!(addr_flags & BI_ADDR_VIRT_TO_PROXY)) {
             BI_RECORD(ctx, pod_idx, DIR_INBOUND, VERDICT_BYPASSED, REASON_INTERFACE, t);
             return SK_PASS;
@@ -199,11 +145,11 @@ int bpfinit_sk_lookup(struct bpf_sk_lookup *ctx)
             return SK_PASS;
         }
         if (cfg->flags & CFG_INBOUND_ALL) {
-            if (bi_in_set(pod_idx, PORT_IN_EXCLUDE, port)) {
+            if (id_member(pod_idx, PORT_IN_EXCLUDE, port)) {
                 BI_RECORD(ctx, pod_idx, DIR_INBOUND, VERDICT_BYPASSED, REASON_EXCLUDED_PORT, t);
                 return SK_PASS;
             }
-        } else if (!bi_in_set(pod_idx, PORT_IN_INCLUDE, port)) {
+        } else if (!id_member(pod_idx, PORT_IN_INCLUDE, port)) {
             BI_RECORD(ctx, pod_idx, DIR_INBOUND, VERDICT_BYPASSED, REASON_NOT_INCLUDED, t);
             return SK_PASS;
         }
@@ -246,10 +192,11 @@ static __always_inline void bi_sockops_listen(struct bpf_sock_ops *skops, struct
     }
 }
 
-/* getsockopt.c fallback (BPFINIT_GETSOCKOPT_FALLBACK): a socket with no outbound record in a pod with
- * inbound capture. sk_lookup steering keeps the original destination as the accepted socket's local
- * address, which is exactly what conntrack answers for an accepted socket (the original-direction
- * destination), so SO_ORIGINAL_DST = local address. Only when the kernel itself found nothing. */
+/* getsockopt.c fallback (BPFINIT_GETSOCKOPT_FALLBACK): a socket of a bpfinit pod with no outbound
+ * record. sk_lookup steering keeps the original destination as the accepted socket's local address,
+ * which is exactly what conntrack answers for an accepted socket (the original-direction destination),
+ * so SO_ORIGINAL_DST = local address. Only when the kernel itself found nothing. (For a socket the app
+ * connected itself conntrack would answer the remote end; nothing asks that of a client socket.) */
 static __always_inline int bi_inbound_orig_dst(struct bpf_sockopt *ctx, const struct tuple_key *k,
                                                struct orig_dst *out)
 {
@@ -257,7 +204,11 @@ static __always_inline int bi_inbound_orig_dst(struct bpf_sockopt *ctx, const st
         return 0;
     __u64 ns = k->netns_cookie;
     struct pod_cfg *cfg = pod_by_netns.lookup(&ns);
-    if (!cfg || !(cfg->flags & (CFG_INBOUND_ALL | CFG_INBOUND_LIST | CFG_VIRT_IFACES)))
+    if (!cfg)
+        return 0;
+    /* conntrack answers for every connection of the pod, captured or not (e.g. straight to <-z> from
+     * outside), but istio's IPv4 pods have no ip6tables nat, so no v6 conntrack and no answer */
+    if (k->family == AF_INET6 && !(cfg->flags & CFG_IPV6))
         return 0;
     out->family = k->family;
     out->addr_be[0] = k->local_be[0];
