@@ -19,6 +19,7 @@ test-unprivileged: setup
 	$(PY) -m pytest -q -m 'not kernel' $(PYTEST_ARGS)
 
 bench: setup
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 	$(PY) bench/run_all.py
 
 demo: setup
