@@ -118,6 +118,110 @@ static __always_inline void sock_addr_to_loopback(struct bpf_sock_addr *ctx, con
     *(volatile __u32 *)&ctx->user_port = bpf_htons(port);
 }
 
+/* ------------------------------------------------------------------ egress guard (connect.c, dns.c) */
+
+#define GUARD_DNS_PORT 53
+#define GUARD_TCP_ESTABLISHED 1   /* bpf_sock.state of a connected UDP socket too */
+
+/* Is dst:dport in the pod's --egress-allow list? The CIDR LPM gives the port-set id of the most specific
+ * listed CIDR (its set already holds the ports of every containing rule), a second LPM the port. */
+static __always_inline int egress_listed(__u32 pod_idx, int v6, const __u32 *dst, __u16 dport)
+{
+    __u32 *set = cidr_lookup(v6, pod_idx, CIDR_EGRESS, dst);
+    if (!set)
+        return 0;
+    struct port_key pk = {};
+    pk.prefixlen = 64 + 16;
+    pk.pod_idx_be = bpf_htonl(pod_idx);
+    pk.set_be = bpf_htonl(*set);
+    pk.port_be = bpf_htons(dport);
+    return egress_ports.lookup(&pk) != 0;
+}
+
+/* What the guard lets through whatever the list says: destinations that stay in the pod (127/8, ::1,
+ * the pod's own addresses, and the unspecified address, which the kernel delivers locally) and DNS to
+ * the resolv.conf nameservers (CIDR_DNS_SERVER rows exist whenever the guard is on). */
+static __always_inline int egress_permitted(const struct pod_cfg *cfg, int v6, const __u32 *dst, __u16 dport)
+{
+    __u32 idx = cfg->pod_idx;
+    if (dst[0] == 0 && (!v6 || (dst[1] == 0 && dst[2] == 0 && dst[3] == 0)))
+        return 1;
+    if (cidr_lookup(v6, idx, CIDR_LOCAL, dst))
+        return 1;
+    if (dport == GUARD_DNS_PORT && cidr_lookup(v6, idx, CIDR_DNS_SERVER, dst))
+        return 1;
+    return egress_listed(idx, v6, dst, dport);
+}
+
+/* The proxy's own traffic (-u / -g members) is never checked: it is the mesh's egress. */
+static __always_inline int is_proxy_identity(__u32 pod_idx, __u32 uid, __u32 gid)
+{
+    return id_member(pod_idx, ID_PROXY_UID, uid) || id_member(pod_idx, ID_PROXY_GID, gid);
+}
+
+/* One DENIED decision (count + sampled event), with the destination as the lookups saw it: IPv4 for
+ * v4-mapped addresses on AF_INET6 sockets, as the TCP path reports them. */
+static __always_inline void record_egress_denied(void *ctx, __u64 cookie, __u32 pod_idx, int v6,
+                                                 const __u32 *dst, __u16 dport, __u8 l4_proto,
+                                                 __u32 uid, __u32 gid)
+{
+#if defined(BPFINIT_EVENTS_HELPERS)
+    struct flow_tuple t;
+    flow_zero(&t);
+    t.family = v6 ? AF_INET6 : AF_INET;
+    t.l4_proto = l4_proto;
+    t.dst_port = t.orig_dst_port = dport;
+    t.uid = uid;
+    t.gid = gid;
+    t.orig_dst_addr[0] = t.dst_addr[0] = dst[0];
+    t.orig_dst_addr[1] = t.dst_addr[1] = v6 ? dst[1] : 0;
+    t.orig_dst_addr[2] = t.dst_addr[2] = v6 ? dst[2] : 0;
+    t.orig_dst_addr[3] = t.dst_addr[3] = v6 ? dst[3] : 0;
+    record(ctx, cookie, pod_idx, DIR_OUTBOUND, VERDICT_DENIED, REASON_EGRESS_POLICY, &t);
+#endif
+}
+
+/* A send to the peer the UDP socket is connected to: connect4/6 already decided it. The kernel runs
+ * sendmsg hooks only for sends with an address, but an AF_INET6 socket connected to a v4-mapped peer
+ * goes through udp_sendmsg with the peer as address on EVERY send; without this, each such send would
+ * be decided (and a denial counted) again. */
+static __always_inline int sent_to_connected_peer(struct bpf_sock_addr *ctx, const int hook6)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || sk->state != GUARD_TCP_ESTABLISHED)
+        return 0;
+    if ((__u16)sk->dst_port != (__u16)ctx->user_port)
+        return 0;
+    if (!hook6)
+        return sk->dst_ip4 == ctx->user_ip4;
+    return sk->dst_ip6[0] == ctx->user_ip6[0] && sk->dst_ip6[1] == ctx->user_ip6[1] &&
+           sk->dst_ip6[2] == ctx->user_ip6[2] && sk->dst_ip6[3] == ctx->user_ip6[3];
+}
+
+/* The guard for one UDP datagram sent with an address (sendmsg4/6). UDP is never captured (DNS aside,
+ * which the caller handled), so every such send bypasses the proxy. Returns 1 to let it go, 0 for EPERM
+ * (after recording the denial). */
+static __always_inline int udp_send_guard(struct bpf_sock_addr *ctx, const struct pod_cfg *cfg, __u64 cookie,
+                                          const int hook6)
+{
+    if (!(cfg->flags & CFG_EGRESS_GUARD))
+        return 1;
+    if (sent_to_connected_peer(ctx, hook6))
+        return 1;
+    __u64 ug = bpf_get_current_uid_gid();
+    __u32 uid = (__u32)ug, gid = (__u32)(ug >> 32);
+    if (is_proxy_identity(cfg->pod_idx, uid, gid))
+        return 1;
+    __u32 dst[4] = {};
+    int mapped;
+    int v6 = sock_addr_dst(ctx, hook6, dst, &mapped);
+    __u16 dport = bpf_ntohs((__u16)ctx->user_port);
+    if (egress_permitted(cfg, v6, dst, dport))
+        return 1;
+    record_egress_denied(ctx, cookie, cfg->pod_idx, v6, dst, dport, 17, uid, gid);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ decision recording (events.h) */
 /* Used by sk_lookup.c, dns.c and accel.c. Without the observability helpers they compile to nothing. */
 #if defined(BPFINIT_EVENTS_HELPERS)

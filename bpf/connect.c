@@ -1,5 +1,6 @@
 /* cgroup/connect4 + cgroup/connect6: outbound TCP capture with istio-iptables' ISTIO_OUTPUT order
- * (istio-capture-contract.md §1.4). Included by bpfinit.c after maps.h/common.h. */
+ * (istio-capture-contract.md §1.4), and the egress guard for TCP and UDP connects (UDP sendto/sendmsg:
+ * dns.c with common.h). Included by bpfinit.c after maps.h/common.h. */
 
 #define ACT_BYPASS   0
 #define ACT_REDIRECT 1   /* ISTIO_REDIRECT: to 127.0.0.1:<-p> */
@@ -7,6 +8,8 @@
 #define ACT_DENY     3   /* egress guard: EPERM */
 
 #define IPPROTO_TCP_NUM 6
+#define IPPROTO_UDP_NUM 17
+#define IPPROTO_UDPLITE_NUM 136   /* UDP for the guard (its connect runs no cgroup hook on 6.18, its sendto does) */
 #define NO_ID 0xffffffffu   /* pod_cfg.first_uid/first_gid when the list is empty */
 #define DNS_PORT 53
 
@@ -132,7 +135,10 @@ static __always_inline int outbound_decide_late(const struct pod_cfg *cfg, const
     return ACT_BYPASS;
 }
 
-/* Egress guard: bypasses that leave the pod outside the proxy must be in the allow-list. */
+/* Egress guard for a TCP connect: bypasses that leave the pod outside the proxy must be in the
+ * allow-list. The reason tells a bypass from the proxy's own traffic; local destinations (e.g. 127.0.0.1
+ * with an -o port, where rule 7 comes before the loopback rule 12) and DNS to the resolv.conf
+ * nameservers are let through by egress_permitted (common.h). */
 static __always_inline int egress_allowed(const struct pod_cfg *cfg, const struct out_req *r, int reason)
 {
     if (!(cfg->flags & CFG_EGRESS_GUARD))
@@ -140,15 +146,16 @@ static __always_inline int egress_allowed(const struct pod_cfg *cfg, const struc
     if (reason != REASON_INTERFACE && reason != REASON_EXCLUDED_PORT && reason != REASON_EXCLUDED_CIDR &&
         reason != REASON_NOT_INCLUDED && reason != REASON_OWNER_GROUP)
         return 1;
-    __u32 *set = cidr_lookup(r->v6, cfg->pod_idx, CIDR_EGRESS, r->dst);
-    if (!set)
-        return 0;
-    struct port_key pk = {};
-    pk.prefixlen = 64 + 16;
-    pk.pod_idx_be = bpf_htonl(cfg->pod_idx);
-    pk.set_be = bpf_htonl(*set);
-    pk.port_be = bpf_htons(r->dport);
-    return egress_ports.lookup(&pk) != 0;
+    return egress_permitted(cfg, r->v6, r->dst, r->dport);
+}
+
+/* Egress guard for traffic istio never captures (UDP other than DNS, IPv6 of an IPv4 pod): all of it
+ * bypasses the proxy, so only the proxy's own traffic and egress_permitted destinations pass. */
+static __always_inline int uncaptured_allowed(const struct pod_cfg *cfg, const struct out_req *r)
+{
+    if (!(cfg->flags & CFG_EGRESS_GUARD))
+        return 1;
+    return is_proxy_identity(cfg->pod_idx, r->uid, r->gid) || egress_permitted(cfg, r->v6, r->dst, r->dport);
 }
 
 static __always_inline void remember_orig(struct bpf_sock *sk, const struct pod_cfg *cfg,
@@ -177,12 +184,12 @@ static __always_inline void fill_ids(struct out_req *r)
 }
 
 static __always_inline void emit(void *ctx, __u64 cookie, const struct pod_cfg *cfg, const struct out_req *r,
-                                 int verdict, int reason, int act)
+                                 int verdict, int reason, int act, __u8 l4_proto)
 {
     struct flow_tuple t;
     flow_zero(&t);
     t.family = r->v6 ? AF_INET6 : AF_INET;
-    t.l4_proto = IPPROTO_TCP_NUM;
+    t.l4_proto = l4_proto;
     t.orig_dst_port = r->dport;
     t.dst_port = r->dport;
     t.uid = r->uid;
@@ -214,12 +221,17 @@ static __always_inline int outbound_connect(struct bpf_sock_addr *ctx, const str
         if (bi_dns_connect(ctx, is6))   /* is6: the hook's family; v4-mapped servers follow the v4 rules */
             return -1;
 #endif
-        if (ctx->type != SOCK_STREAM)
-            return ACT_BYPASS;   /* ISTIO_REDIRECT is TCP only */
-        act = outbound_decide_late(cfg, r, reason);
+        if (ctx->type == SOCK_STREAM)   /* ISTIO_REDIRECT is TCP only */
+            act = outbound_decide_late(cfg, r, reason);
     }
-    if (ctx->type != SOCK_STREAM)
-        return ACT_BYPASS;       /* rules 1-10 ran for UDP only to give DNS istio's order */
+    if (ctx->type != SOCK_STREAM) {
+        /* rules 1-10 ran for UDP only to give DNS istio's order; the rest of UDP is never captured */
+        if (!uncaptured_allowed(cfg, r)) {
+            *reason = REASON_EGRESS_POLICY;
+            return ACT_DENY;
+        }
+        return ACT_BYPASS;
+    }
     if (act == ACT_BYPASS && !egress_allowed(cfg, r, *reason)) {
         *reason = REASON_EGRESS_POLICY;
         return ACT_DENY;
@@ -228,24 +240,25 @@ static __always_inline int outbound_connect(struct bpf_sock_addr *ctx, const str
 }
 
 /* Carry out the decision: EPERM, leave alone, or rewrite the destination to the proxy. */
-static __always_inline int apply_decision(struct bpf_sock_addr *ctx, __u64 cookie, const struct pod_cfg *cfg,
-                                          const struct out_req *r, __u16 port_be, int act, int reason,
-                                          const int is6, int mapped)
+static __always_inline int apply_decision(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u64 cookie,
+                                          const struct pod_cfg *cfg, const struct out_req *r, __u16 port_be,
+                                          int act, int reason, const int is6, int mapped)
 {
     if (act < 0)
         return 1;   /* dns.c redirected it */
     if (act == ACT_DENY) {
-        emit(ctx, cookie, cfg, r, VERDICT_DENIED, reason, act);
+        emit(ctx, cookie, cfg, r, VERDICT_DENIED, reason, act, ctx->type == SOCK_STREAM ? IPPROTO_TCP_NUM
+                                                                                      : IPPROTO_UDP_NUM);
         return 0;   /* EPERM */
     }
     if (act == ACT_BYPASS) {
-        if (ctx->type == SOCK_STREAM)
-            emit(ctx, cookie, cfg, r, VERDICT_BYPASSED, reason, act);
+        if (ctx->type == SOCK_STREAM)   /* UDP bypasses are not counted: only its denials (guard) are */
+            emit(ctx, cookie, cfg, r, VERDICT_BYPASSED, reason, act, IPPROTO_TCP_NUM);
         return 1;
     }
-    remember_orig(ctx->sk, cfg, r, port_be, act);
+    remember_orig(sk, cfg, r, port_be, act);
     sock_addr_to_loopback(ctx, is6, mapped, act == ACT_HAIRPIN ? cfg->inbound_capture_port : cfg->proxy_port);
-    emit(ctx, cookie, cfg, r, VERDICT_REDIRECTED, reason, act);
+    emit(ctx, cookie, cfg, r, VERDICT_REDIRECTED, reason, act, IPPROTO_TCP_NUM);
     return 1;
 }
 
@@ -267,22 +280,34 @@ static __always_inline int outbound_hook(struct bpf_sock_addr *ctx, const int is
 {
     if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
         return 1;
+    /* ICMP ping sockets are SOCK_DGRAM too and run this hook on connect (not on sendto): neither istio's
+     * rules nor the guard treat them as UDP */
+    if (ctx->type == SOCK_DGRAM && ctx->protocol != IPPROTO_UDP_NUM && ctx->protocol != IPPROTO_UDPLITE_NUM)
+        return 1;
     __u64 cookie = bpf_get_netns_cookie(ctx);
     struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
     if (!cfg)
         return 1;
+    /* one load of ctx->sk: clang otherwise keeps &ctx->sk and loads through it ("modified ctx ptr") */
+    struct bpf_sock *sk = ctx->sk;
     struct out_req r = {};
     int mapped;
     r.v6 = sock_addr_dst(ctx, is6, r.dst, &mapped);
-    if (r.v6 && !(cfg->flags & CFG_IPV6))
-        return 1;    /* istio programs no ip6tables rules for an IPv4 pod */
     __u16 port_be = (__u16)ctx->user_port;
     r.dport = bpf_ntohs(port_be);
     fill_ids(&r);
-    r.src_passthrough = bound_to_passthrough(ctx->sk, is6, mapped);
+    if (r.v6 && !(cfg->flags & CFG_IPV6)) {
+        /* istio programs no ip6tables rules for an IPv4 pod: its IPv6 traffic bypasses the proxy */
+        if (uncaptured_allowed(cfg, &r))
+            return 1;
+        emit(ctx, cookie, cfg, &r, VERDICT_DENIED, REASON_EGRESS_POLICY, ACT_DENY,
+             ctx->type == SOCK_STREAM ? IPPROTO_TCP_NUM : IPPROTO_UDP_NUM);
+        return 0;    /* EPERM */
+    }
+    r.src_passthrough = bound_to_passthrough(sk, is6, mapped);
     int reason = REASON_NONE;
     int act = outbound_connect(ctx, cfg, &r, is6, &reason);
-    return apply_decision(ctx, cookie, cfg, &r, port_be, act, reason, is6, mapped);
+    return apply_decision(ctx, sk, cookie, cfg, &r, port_be, act, reason, is6, mapped);
 }
 
 int bpfinit_connect4(struct bpf_sock_addr *ctx)

@@ -5,7 +5,8 @@
  * istio-iptables with --redirect-dns sends UDP and TCP port 53 to the resolv.conf nameservers (to any
  * destination with --capture-all-dns) to the agent's DNS proxy on 15053, after the -o and proxy uid/gid
  * RETURNs. Here, with no NAT rule anywhere:
- *   - UDP sendto/sendmsg: cgroup/sendmsg4|6 rewrites the destination to 127.0.0.1|::1 : <dns_port>;
+ *   - UDP sendto/sendmsg: cgroup/sendmsg4|6 rewrites the destination to 127.0.0.1|::1 : <dns_port>
+ *     (the same hooks then apply the egress guard to every other UDP datagram: common.h);
  *   - UDP and TCP connect: bi_dns_connect(), called by connect.c after istio's rules 1-10;
  *   - replies: cgroup/recvmsg4|6 shows the proxy's answers as coming from the server the application
  *     addressed (resolvers such as glibc drop answers from an unexpected source).
@@ -63,29 +64,49 @@ static __always_inline void bi_dns_redirect(struct bpf_sock_addr *ctx, struct po
     BI_RECORD(ctx, cfg->pod_idx, DIR_DNS, VERDICT_REDIRECTED, REASON_DNS, t);
 }
 
-/* UDP sendmsg/connect, both families. v4-mapped destinations on AF_INET6 sockets follow the IPv4 rules. */
-static __always_inline void bi_dns_udp(struct bpf_sock_addr *ctx, const int hook6)
+#define BI_DNS_NOT_DNS    (-1)   /* not port 53, or DNS capture off: nothing to do here */
+#define BI_DNS_REDIRECTED (-2)   /* sent to the DNS proxy (recorded) */
+
+/* UDP sendmsg, both families. v4-mapped destinations on AF_INET6 sockets follow the IPv4 rules. Returns
+ * BI_DNS_REDIRECTED, BI_DNS_NOT_DNS, or the reason istio's rules let this DNS datagram bypass capture
+ * (the caller records that once the egress guard had its say, so a denied datagram counts once). */
+static __always_inline int bi_dns_udp(struct bpf_sock_addr *ctx, struct pod_cfg *cfg, const int hook6)
 {
-    if (ctx->user_port != bpf_htons(53))
-        return;                                 /* cheapest test first: every UDP send runs this */
-    __u64 ns = bpf_get_netns_cookie(ctx);
-    struct pod_cfg *cfg = pod_by_netns.lookup(&ns);
-    if (!cfg || !(cfg->flags & CFG_DNS_CAPTURE))
-        return;
+    if (ctx->user_port != bpf_htons(53) || !(cfg->flags & CFG_DNS_CAPTURE))
+        return BI_DNS_NOT_DNS;
     __u32 dst[4] = {};
     int mapped;
     int v6 = sock_addr_dst(ctx, hook6, dst, &mapped);
     if (v6 && !(cfg->flags & CFG_IPV6))
-        return;                                 /* no ip6tables rules for an IPv4 pod */
+        return BI_DNS_NOT_DNS;                  /* no ip6tables rules for an IPv4 pod */
     int why = bi_dns_udp_bypass(cfg, v6, dst);
-    if (why >= 0) {
+    if (why >= 0)
+        return why;
+    if (!bi_dns_server_match(cfg, v6, dst))
+        return BI_DNS_NOT_DNS;
+    bi_dns_redirect(ctx, cfg, v6, mapped, dst, hook6);
+    return BI_DNS_REDIRECTED;
+}
+
+/* sendmsg4 / sendmsg6: runs for every UDP datagram sent WITH an address (sendto, sendmsg with a name).
+ * DNS capture first (istio's rule 11), then the egress guard (connect.c's rules for UDP: common.h). */
+static __always_inline int bi_udp_sendmsg(struct bpf_sock_addr *ctx, const int hook6)
+{
+    __u64 ns = bpf_get_netns_cookie(ctx);
+    struct pod_cfg *cfg = pod_by_netns.lookup(&ns);
+    if (!cfg)
+        return 1;
+    int dns = bi_dns_udp(ctx, cfg, hook6);
+    if (dns == BI_DNS_REDIRECTED)
+        return 1;
+    if (!udp_send_guard(ctx, cfg, ns, hook6))
+        return 0;                               /* EPERM, DENIED recorded */
+    if (dns >= 0) {
         BI_TUPLE(t);
         BI_FLOW_SOCK_ADDR(t, ctx, hook6);
-        BI_RECORD(ctx, cfg->pod_idx, DIR_DNS, VERDICT_BYPASSED, why, t);
-        return;
+        BI_RECORD(ctx, cfg->pod_idx, DIR_DNS, VERDICT_BYPASSED, dns, t);
     }
-    if (bi_dns_server_match(cfg, v6, dst))
-        bi_dns_redirect(ctx, cfg, v6, mapped, dst, hook6);
+    return 1;
 }
 
 /* TCP and UDP connect: connect.c's outbound_connect calls these at istio's step 11, after its rules
@@ -111,14 +132,12 @@ static __always_inline int bi_dns_connect(struct bpf_sock_addr *ctx, const int h
 
 int bpfinit_sendmsg4(struct bpf_sock_addr *ctx)
 {
-    bi_dns_udp(ctx, 0);
-    return 1;
+    return bi_udp_sendmsg(ctx, 0);
 }
 
 int bpfinit_sendmsg6(struct bpf_sock_addr *ctx)
 {
-    bi_dns_udp(ctx, 1);
-    return 1;
+    return bi_udp_sendmsg(ctx, 1);
 }
 
 /* Replies: a datagram from the DNS proxy on a socket we redirected shows the original server. */

@@ -90,6 +90,11 @@ def entry_provider(cfg, pod_idx: int, facts) -> dict[str, list[tuple[bytes, byte
         p = dns.plan(cfg, dns.read_resolv_conf(), facts.ipv6_enabled)
         for name, key, value in dns.dns_rows(p, pod_idx):
             out.setdefault(name, []).append((key, value))
+    if cfg.egress_allow is not None:
+        # the egress guard lets DNS to the resolv.conf nameservers through, DNS capture or not (bpf/common.h)
+        servers = dns.DnsPlan(True, False, dns.parse_resolv_conf(dns.read_resolv_conf()), "")
+        for name, key, value in dns.dns_rows(servers, pod_idx):
+            out.setdefault(name, []).append((key, value))
     return out
 
 
