@@ -25,10 +25,22 @@ BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 BPF_F_ALLOW_MULTI = 2
 
 # program types and attach types used by bpfinit
-PROG_TYPE = {"sock_ops": 13, "sk_msg": 16, "cgroup_sock_addr": 18, "cgroup_sockopt": 25, "sk_lookup": 30}
-ATTACH = {"sock_ops": 3, "sk_msg_verdict": 7, "inet4_connect": 10, "inet6_connect": 11,
+PROG_TYPE = {"cgroup_sock": 9, "sock_ops": 13, "sk_msg": 16, "cgroup_sock_addr": 18, "cgroup_sockopt": 25,
+             "sk_lookup": 30}
+ATTACH = {"inet_sock_create": 2, "sock_ops": 3, "sk_msg_verdict": 7, "inet4_connect": 10, "inet6_connect": 11,
           "udp4_sendmsg": 14, "udp6_sendmsg": 15, "udp4_recvmsg": 19, "udp6_recvmsg": 20,
           "getsockopt": 21, "setsockopt": 22, "sk_lookup": 36}
+
+# Feature probes (doctor) and anything else that loads or creates objects itself.
+MAP_CREATE, PROG_LOAD, BTF_LOAD = 0, 5, 18
+BPF_F_NO_PREALLOC = 1
+MAP_TYPE = {"hash": 1, "array": 2, "perf_event_array": 4, "percpu_hash": 5, "percpu_array": 6,
+            "lru_hash": 9, "lru_percpu_hash": 10, "lpm_trie": 11, "sockhash": 18, "sk_storage": 24,
+            "ringbuf": 27}
+HELPER = {"map_lookup_elem": 1, "map_update_elem": 2, "map_delete_elem": 3, "ktime_get_ns": 5,
+          "get_current_uid_gid": 15, "perf_event_output": 25, "get_socket_cookie": 46,
+          "sock_hash_update": 70, "msg_redirect_hash": 71, "sk_release": 86, "sk_storage_get": 107,
+          "get_netns_cookie": 122, "sk_assign": 124, "ringbuf_reserve": 131, "ringbuf_submit": 132}
 
 _ATTR_SIZE = 128
 
@@ -207,3 +219,52 @@ def enable_run_time_stats() -> int:
 def prog_run_stats(fd: int) -> tuple[int, int]:
     """(run_time_ns, run_cnt) from bpf_prog_info."""
     return struct.unpack_from("=QQ", obj_info(fd, 256), 192)
+
+
+# ---------------------------------------------------------------- loading (feature probes)
+class ProgLoadError(BpfError):
+    """PROG_LOAD failed; `log` is the verifier's log ("" when the kernel refused before verifying)."""
+
+    def __init__(self, err: int, message: str, log: str):
+        super().__init__(err, message)
+        self.log = log
+
+
+def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    """One eBPF instruction (struct bpf_insn, host byte order)."""
+    return struct.pack("=BBhi", code, (src << 4) | dst, off, imm)
+
+
+def ld_map_fd(dst: int, map_fd: int) -> bytes:
+    """`dst = map` (BPF_LD_IMM64 with BPF_PSEUDO_MAP_FD): two instruction slots."""
+    return insn(0x18, dst, 1, 0, map_fd) + insn(0, 0, 0, 0, 0)
+
+
+def prog_load(prog_type: int, insns: bytes, expected_attach_type: int = 0, license: str = "GPL",
+              log_size: int = 1 << 16) -> int:
+    """Load a program; returns its fd. The verifier log is kept for the error (doctor reads it)."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(log_size)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIQQIIQ", attr, 0, prog_type, len(insns) // 8, ctypes.addressof(code),
+                     ctypes.addressof(lic), 1, log_size, ctypes.addressof(log))
+    struct.pack_into("=I", attr, 68, expected_attach_type)
+    ret = _libc.syscall(_NR_BPF, PROG_LOAD, attr, _ATTR_SIZE)
+    if ret < 0:
+        err = ctypes.get_errno()
+        text = log.value.decode(errors="replace")
+        raise ProgLoadError(err, f"bpf(PROG_LOAD type {prog_type}): {os.strerror(err)}", text)
+    return ret
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,
+               btf_fd: int = 0, btf_key_type_id: int = 0, btf_value_type_id: int = 0) -> int:
+    attr = _attr("=IIIII", map_type, key_size, value_size, max_entries, flags)
+    struct.pack_into("=III", attr, 48, btf_fd, btf_key_type_id, btf_value_type_id)
+    return _call(MAP_CREATE, attr, f"MAP_CREATE type {map_type}")
+
+
+def btf_load(blob: bytes) -> int:
+    data = ctypes.create_string_buffer(blob, len(blob))
+    return _call(BTF_LOAD, _attr("=QQI", ctypes.addressof(data), 0, len(blob)), "BTF_LOAD")

@@ -58,17 +58,6 @@ def event_cflags() -> list[str]:
         return ["-DBPFINIT_EVENTS_PERFBUF"]
 
 
-def doctor_check() -> tuple[str, bool, str]:
-    """For `bpfinit-agent doctor`: which event buffer this node gets. Both work; say which."""
-    try:
-        ring = kernel_has_ringbuf()
-    except (OSError, AttributeError, ImportError) as e:
-        return "event buffer", False, f"cannot probe BPF ring buffer support: {e}"
-    if ring:
-        return "event buffer", True, "BPF ring buffer (node-wide, ordered; kernel >= 5.8)"
-    return "event buffer", True, "perf buffer fallback (kernel < 5.8: per-CPU buffers, events unordered across CPUs)"
-
-
 def set_event_config(bpffs: Path | str, events: bool | None = None, rate: int | None = None,
                      burst: int | None = None) -> dict:
     """Change the event switch / per-pod rate limit on every program generation; returns the new config."""
