@@ -48,7 +48,8 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[index]
 
 
-def start_server(workdir: Path, workers: int, threads: int) -> tuple[subprocess.Popen, str, Path]:
+def start_server(workdir: Path, workers: int, threads: int,
+                 log_level: str = "info") -> tuple[subprocess.Popen, str, Path]:
     import socket
 
     with socket.socket() as sock:
@@ -58,7 +59,7 @@ def start_server(workdir: Path, workers: int, threads: int) -> tuple[subprocess.
     process = subprocess.Popen(
         [str(REPO / ".venv" / "bin" / "bpfinit-webhook"), "serve", "--host", "127.0.0.1", "--port", str(port),
          "--cert-dir", str(workdir / "certs"), "--metrics-dir", str(workdir / "metrics"),
-         "--workers", str(workers), "--threads", str(threads), "--log-level", "warning"],
+         "--workers", str(workers), "--threads", str(threads), "--log-level", log_level],
         stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     log.close()
     url = f"https://127.0.0.1:{port}"
@@ -154,9 +155,23 @@ def measure_pure_mutation(repeat: int = 2000) -> dict:
     return {"mutate_us": round(mutate_us, 1), "json_parse_us": round(parse_us, 1), "body_bytes": len(body)}
 
 
+def server_cpu_seconds(pid: int | None) -> float | None:
+    """User+system CPU of the server (arbiter and its workers) so far; None for an external server."""
+    if pid is None:
+        return None
+    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    ticks = 0
+    for one in pids:
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])   # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def run_level(url: str, bodies: list[Path], concurrency: int, seconds_per_body: float,
-              rate_total: float | None) -> dict:
+              rate_total: float | None, server_pid: int | None = None) -> dict:
     latencies, errors, requests, elapsed = [], 0, 0, 0.0
+    # Worker processes live as long as the server (no max_requests), so the CPU delta is this level's.
+    cpu_before = server_cpu_seconds(server_pid)
     for body in bodies:
         rate = rate_total / concurrency if rate_total else None
         rows = run_hey(url, body, concurrency, seconds_per_body, rate)
@@ -171,16 +186,19 @@ def run_level(url: str, bodies: list[Path], concurrency: int, seconds_per_body: 
         "p50_ms": round(percentile(latencies, 0.50), 3), "p90_ms": round(percentile(latencies, 0.90), 3),
         "p99_ms": round(percentile(latencies, 0.99), 3), "max_ms": round(max(latencies, default=float("nan")), 3),
         "mean_ms": round(statistics.fmean(latencies), 3) if latencies else None,
+        "server_cpu_ms_per_request": (round((server_cpu_seconds(server_pid) - cpu_before) * 1000 / requests, 3)
+                                      if server_pid is not None and requests else None),
     }
 
 
-def conditions(workers: int, threads: int, external: bool) -> dict:
+def conditions(workers: int, threads: int, external: bool, log_level: str) -> dict:
     hey_version = "hey (Debian package)"
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
         "loadavg_before": open("/proc/loadavg").read().split()[:3],
-        "server": "external" if external else f"bpfinit-webhook serve, gunicorn gthread, {workers} workers x {threads} threads",
+        "server": "external" if external else (f"bpfinit-webhook serve, gunicorn gthread, {workers} workers x "
+                                                f"{threads} threads, log level {log_level}"),
         "load_generator": f"{hey_version}, -cpus 1, same machine (competes with the server for the 2 cores)",
         "transport": "HTTPS (TLS 1.3, keep-alive), loopback",
         "pods": list(BENCH_PODS),
@@ -191,11 +209,13 @@ def markdown(report: dict) -> str:
     lines = ["# Webhook benchmark", "", "Conditions: " + "; ".join(f"{k}: {v}" for k, v in report["conditions"].items()
                                                                   if k != "pods"),
              "", "Pods: " + ", ".join(report["conditions"]["pods"]), "",
-             "| concurrency | rate limit | requests | errors | throughput (req/s) | p50 ms | p90 ms | p99 ms | max ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| concurrency | rate limit | requests | errors | throughput (req/s) | p50 ms | p90 ms | p99 ms | max ms "
+             "| server CPU ms/req |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
         lines.append(f"| {run['concurrency']} | {run['target_rate'] or 'none'} | {run['requests']} | {run['errors']} | "
-                     f"{run['throughput_rps']} | {run['p50_ms']} | {run['p90_ms']} | {run['p99_ms']} | {run['max_ms']} |")
+                     f"{run['throughput_rps']} | {run['p50_ms']} | {run['p90_ms']} | {run['p99_ms']} | {run['max_ms']} "
+                     f"| {run.get('server_cpu_ms_per_request') or '-'} |")
     target = report["target"]
     lines += ["", f"Target p99 <= {TARGET_P99_MS} ms at {TARGET_RATE} admissions/s: "
                   f"**{'met' if target['met'] else 'not met'}** (p99 {target['p99_ms']} ms at "
@@ -213,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--levels", default="1,16,64", help="closed-loop concurrency levels (default 1,16,64)")
+    parser.add_argument("--log-level", default="info",
+                        help="server log level (default info, the production default: one JSON line per admission)")
     parser.add_argument("--output", default=str(RESULTS / "webhook.json"))
     args = parser.parse_args(argv)
     if shutil.which("hey") is None:
@@ -225,18 +247,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             url = args.url.rstrip("/")
         else:
-            process, url, _ = start_server(workdir, args.workers, args.threads)
+            process, url, _ = start_server(workdir, args.workers, args.threads, args.log_level)
+        server_pid = process.pid if process is not None else None
         bodies = write_bodies(workdir)
-        report = {"conditions": conditions(args.workers, args.threads, bool(args.url)), "runs": []}
+        report = {"conditions": conditions(args.workers, args.threads, bool(args.url), args.log_level), "runs": []}
         per_body = max(1.0, args.seconds / len(bodies))
         run_level(url, bodies[:1], 4, 2.0, None)  # warm-up: imports, connections, caches
         for concurrency in [int(c) for c in args.levels.split(",") if c]:
-            report["runs"].append(run_level(url, bodies, concurrency, per_body, None))
+            report["runs"].append(run_level(url, bodies, concurrency, per_body, None, server_pid))
             print(json.dumps(report["runs"][-1]), file=sys.stderr)
         # hey's rate limit ticks every worker at the same instant: -c 16 -q 31 sends bursts of 16
         # simultaneous requests every 32 ms (a worst case); -c 4 -q 125 is closer to independent arrivals.
-        target = run_level(url, bodies, 4, per_body, TARGET_RATE)
-        bursty = run_level(url, bodies, 16, per_body, TARGET_RATE)
+        target = run_level(url, bodies, 4, per_body, TARGET_RATE, server_pid)
+        bursty = run_level(url, bodies, 16, per_body, TARGET_RATE, server_pid)
         for run in (target, bursty):
             report["runs"].append(run)
             print(json.dumps(run), file=sys.stderr)

@@ -21,6 +21,9 @@
 #include "accel.c"
 #endif
 
+#if __has_include("sock_create.c")
+#include "sock_create.c"   /* egress guard: socket kinds no connect/sendmsg hook sees; ping connects */
+#endif
 #include "connect.c"
 #include "sockops.c"
 #include "getsockopt.c"

@@ -280,10 +280,14 @@ static __always_inline int outbound_hook(struct bpf_sock_addr *ctx, const int is
 {
     if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
         return 1;
-    /* ICMP ping sockets are SOCK_DGRAM too and run this hook on connect (not on sendto): neither istio's
-     * rules nor the guard treat them as UDP */
+    /* ICMP ping sockets are SOCK_DGRAM too and run this hook on connect (not on sendto): istio's rules do
+     * not treat them as UDP; the guard checks them apart (sock_create.c) */
     if (ctx->type == SOCK_DGRAM && ctx->protocol != IPPROTO_UDP_NUM && ctx->protocol != IPPROTO_UDPLITE_NUM)
+#if __has_include("sock_create.c")
+        return ping_connect_guard(ctx, is6);
+#else
         return 1;
+#endif
     __u64 cookie = bpf_get_netns_cookie(ctx);
     struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
     if (!cfg)

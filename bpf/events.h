@@ -30,7 +30,7 @@
  *    (IPv4 in addr[0], rest zero). The flow_from_* helpers do the per-context conversions (see
  *    datapath-measurements.md "each context stores ports differently").
  *  - Reasons: REASON_NONE for the normal outcome (REDIRECTED by default rules, CAPTURED inbound port).
- *    BYPASSED always names why (excluded_cidr, proxy_uid, ...). DENIED uses REASON_EGRESS_POLICY,
+ *    BYPASSED always names why (excluded_cidr, proxy_uid, ...). DENIED uses REASON_EGRESS_POLICY (REASON_SOCKET_TYPE for a refused socket()),
  *    REFUSED uses REASON_PROXY_NOT_LISTENING. DNS capture: DIR_DNS + VERDICT_REDIRECTED + REASON_DNS.
  *    Sockmap acceleration hit: VERDICT_REDIRECTED + REASON_ACCEL. Add new reasons at the END of the
  *    list and to REASON_NAMES in initagent/obsmaps.py (user space decodes by number; a test checks).
@@ -88,7 +88,8 @@
 #define REASON_TUNNEL_PORT    19  /* -e inbound tunnel port (15008), never captured */
 #define REASON_PROTOCOL       20  /* protocol not captured (e.g. non-DNS UDP) */
 #define REASON_INTERNAL_ERROR 21  /* a map operation failed; the decision taken is in verdict */
-#define REASON__COUNT         22
+#define REASON_SOCKET_TYPE    22  /* egress guard: socket() of a kind no connect/sendmsg hook sees (raw, UDP-Lite, SCTP...) */
+#define REASON__COUNT         23
 /* Synonyms (same numbers) so both spellings in use compile. */
 #define REASON_INTERFACE          REASON_EXCLUDED_IFACE
 #define REASON_PASSTHROUGH_SOURCE REASON_PASSTHROUGH_SRC
@@ -98,7 +99,7 @@
 /* What the datapath knows about one decision. Filled by the flow_from_* helpers. */
 struct flow_tuple {
     __u8  family;          /* AF_INET (2) / AF_INET6 (10) */
-    __u8  l4_proto;        /* IPPROTO_TCP (6) / IPPROTO_UDP (17) */
+    __u8  l4_proto;        /* IPPROTO_TCP (6) / IPPROTO_UDP (17); socket_type and ping denials: the socket's protocol */
     __u16 src_port;        /* host order; 0 when not yet bound */
     __u16 dst_port;        /* host order: where the traffic actually goes after the decision */
     __u16 orig_dst_port;   /* host order: what the application/peer addressed */

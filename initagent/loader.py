@@ -47,6 +47,8 @@ PROGRAMS: list[ProgSpec] = [
     ProgSpec("bpfinit_recvmsg6", "cgroup_sock_addr", "udp6_recvmsg", "cgroup", "dns.c"),
     ProgSpec("bpfinit_sk_lookup", "sk_lookup", "sk_lookup", "netns", "sk_lookup.c"),
     ProgSpec("bpfinit_sk_msg", "sk_msg", "sk_msg_verdict", "none", "accel.c"),
+    # egress guard: socket kinds the connect/sendmsg hooks do not see (raw, UDP-Lite, SCTP...)
+    ProgSpec("bpfinit_sock_create", "cgroup_sock", "inet_sock_create", "cgroup", "sock_create.c"),
 ]
 
 CORE_PARTS = ("connect.c", "sockops.c", "getsockopt.c")

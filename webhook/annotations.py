@@ -117,11 +117,16 @@ def check_interception_mode(value: str) -> None:
         raise InvalidValue(f"must be one of {', '.join(INTERCEPTION_MODES)}")
 
 
+# libyaml's safe loader when PyYAML was built with it: the pure-Python one cost ~0.3 ms for a
+# typical proxy.istio.io/config, more than the rest of the mutation. Same YAML 1.1 safe subset.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def check_proxy_config(value: str) -> None:
     # Istio parses the annotation as a ProxyConfig (YAML or JSON). We only check
     # that it is a mapping and that the one field affecting capture is sane.
     try:
-        parsed = yaml.safe_load(value) if value.strip() else {}
+        parsed = yaml.load(value, Loader=_SAFE_LOADER) if value.strip() else {}  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise InvalidValue(f"not valid YAML/JSON ({first_line})") from None

@@ -22,10 +22,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import jsonpatch
-
 from initagent import flags as agent_flags
 from webhook import annotations as ann
+from webhook import patchcheck
 
 ISTIO_INIT = "istio-init"
 ISTIO_VALIDATION = "istio-validation"
@@ -204,12 +203,12 @@ def _status_ops(pod: dict, record: dict) -> list[dict]:
 
 def _self_check(pod: dict, ops: list[dict], index: int, agent_args: list[str]) -> str | None:
     """Apply our own patch; a patch that fails to apply would fail the pod even under
-    failurePolicy Ignore (apiserver InternalError), so we never send one."""
+    failurePolicy Ignore (apiserver InternalError), so we never send one. The strict
+    copy-on-write applier proves the same thing as jsonpatch on a deep copy, ~10x cheaper."""
     try:
-        # A JSON round trip is a faster deep copy than copy.deepcopy for plain JSON data.
-        patched = jsonpatch.apply_patch(json.loads(json.dumps(pod)), ops, in_place=True)
+        patched = patchcheck.apply_patch(pod, ops)
         container = patched["spec"]["initContainers"][index]
-    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, KeyError, IndexError, TypeError) as exc:
+    except (patchcheck.PatchError, KeyError, IndexError, TypeError) as exc:
         return f"patch does not apply: {exc}"
     if container.get("command") != AGENT_COMMAND or container.get("args") != agent_args:
         return "patched container is not the agent"

@@ -43,7 +43,10 @@ name, timeout, binds = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
 socks = []
 for addr, port in binds:
     for proto in (socket.IPPROTO_UDP, 136):   # 136: UDP-Lite
-        s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM, proto)
+        try:
+            s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM, proto)
+        except PermissionError:   # in a guarded pod UDP-Lite sockets are refused (sock_create.c)
+            continue
         s.bind((addr, port))
         socks.append(s)
 print("READY", flush=True)
@@ -63,7 +66,10 @@ import errno, json, socket, sys
 def probe(mode, host, port):
     proto = 136 if mode.startswith("lite-") else socket.IPPROTO_UDP
     mode = mode.removeprefix("lite-")
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM, proto)
+    try:
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM, proto)
+    except OSError as exc:   # the guard refuses UDP-Lite sockets at socket() (sock_create.c)
+        return {"outcome": "eperm" if exc.errno == errno.EPERM else "error", "errno": exc.errno}
     s.settimeout(2.0)
     try:
         if mode == "sendto":
@@ -181,16 +187,18 @@ def test_udp_outside_the_allow_list_is_eperm_and_counted(build, bpffs, dual_stac
             ["sendto", f"::ffff:{OTHER4}", 9092], ["connect", f"::ffff:{ALLOWED4}", 9093],
         ])
         assert got == ["peer"] * 6 + ["eperm"] * 8
-        # UDP-Lite's addressed sends run the same sendmsg hooks (its connect runs none: see policy.md)
+        # UDP-Lite's connect runs no hook, so the guard refuses its sockets at socket() (sock_create.c)
         assert udp(pod, [["lite-sendto", ALLOWED4, 9092], ["lite-sendto", OTHER6, 9092],
-                         ["lite-sendto", f"::ffff:{ALLOWED4}", 9093]]) == ["peer", "eperm", "eperm"]
-        assert pod_rows(bpffs, name) == {("OUTBOUND", "DENIED", "egress_policy"): 10}
+                         ["lite-sendto", f"::ffff:{ALLOWED4}", 9093]]) == ["eperm", "eperm", "eperm"]
+        assert pod_rows(bpffs, name) == {("OUTBOUND", "DENIED", "egress_policy"): 8,
+                                         ("OUTBOUND", "DENIED", "socket_type"): 3}
         assert sorted(denied_flows(bpffs, name)) == sorted([
+            ("socket_type", "UDPLite", "0.0.0.0", 0), ("socket_type", "UDPLite", "::", 0),
+            ("socket_type", "UDPLite", "::", 0),
             ("egress_policy", "UDP", ALLOWED4, 9093), ("egress_policy", "UDP", ALLOWED4, 9093),
             ("egress_policy", "UDP", OTHER4, 9092), ("egress_policy", "UDP", OTHER4, 9092),
             ("egress_policy", "UDP", ALLOWED6, 9093), ("egress_policy", "UDP", OTHER6, 9092),
             ("egress_policy", "UDP", OTHER4, 9092), ("egress_policy", "UDP", ALLOWED4, 9093),
-            ("egress_policy", "UDP", OTHER6, 9092), ("egress_policy", "UDP", ALLOWED4, 9093),
         ])
 
 
@@ -213,9 +221,12 @@ def test_udp_exemptions_proxy_local_and_nameservers(build, bpffs):
         assert dns(pod, [["dns-udp", OTHER_DNS, 53, None]], PROXY) == ["10.0.0.97"]
         rows = pod_rows(bpffs, name)
         assert rows.pop(("OUTBOUND", "DENIED", "egress_policy")) == 2
+        # the local server's four UDP-Lite sockets were refused at socket() (sock_create.c)
+        assert rows.pop(("OUTBOUND", "DENIED", "socket_type")) == 4
         # what is left are the TCP decisions of the one TCP query (a counted bypass) and nothing for UDP
         assert rows == {("OUTBOUND", "BYPASSED", "excluded_cidr"): 1}
-        assert denied_flows(bpffs, name) == [("egress_policy", "UDP", OTHER_DNS, 53)] * 2
+        assert [f for f in denied_flows(bpffs, name) if f[0] != "socket_type"] == \
+            [("egress_policy", "UDP", OTHER_DNS, 53)] * 2
 
 
 def test_dns_capture_still_redirects_nameserver_queries_under_the_guard(build, bpffs):
@@ -330,12 +341,13 @@ print(json.dumps([probe(*p) for p in json.loads(sys.argv[1])[:20]]), flush=True)
 
 
 def test_icmp_is_not_covered_by_the_guard(build, bpffs):
-    """The documented limit: ping sockets are SOCK_DGRAM and run the connect hook, but they are not UDP,
-    so the guard leaves them alone (connect and sendto alike); UDP to the same address is EPERM."""
+    """The documented limit: ping sockets run the connect hook but not the sendmsg hook, so the guard
+    checks their connect (sock_create.c; more in test_egress_sockets.py) and not their sendto; UDP to the
+    same address is EPERM."""
     with guarded_pod(bpffs, ["--egress-allow", ALLOW]) as (pod, name, _):
         pod.run(["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"], check=True)
         res = pod.run([PYTHON, "-c", PING_CLIENT, json.dumps([["sendto", OTHER4], ["connect", OTHER4]])],
                       **APP)
-        assert json.loads(res.stdout) == ["reply", "reply"], res.stderr
+        assert json.loads(res.stdout) == ["reply", "eperm"], res.stderr
         assert udp(pod, [["sendto", OTHER4, 9092]]) == ["eperm"]
-        assert pod_rows(bpffs, name) == {("OUTBOUND", "DENIED", "egress_policy"): 1}
+        assert pod_rows(bpffs, name) == {("OUTBOUND", "DENIED", "egress_policy"): 2}
