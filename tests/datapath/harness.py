@@ -64,7 +64,7 @@ class Datapath:
         os.environ["BCC_KERNEL_SOURCE"] = HDR_COMMON
         self.BPF = BPF
         self.lib = lib
-        self.b = BPF(text=source(), cflags=CFLAGS)
+        self.b = BPF(text=source().encode(), cflags=CFLAGS)
         self.sockops = self.b.load_func(b"bpfinit_sockops", BPF.SOCK_OPS)
         self.sk_lookup = self.b.load_func(b"bpfinit_sk_lookup", 30, attach_type=36)
         sa = BPF.CGROUP_SOCK_ADDR
@@ -84,7 +84,7 @@ class Datapath:
     def map_fd(self, name: str) -> int:
         if name in ("bi_listeners", "bi_accel_socks"):
             return self.lib.bpf_table_fd(self.b.module, name.encode())
-        return self.b[name].map_fd
+        return self.b[name.encode()].map_fd
 
     def write_rows(self, rows) -> None:
         for name, key, value in rows:
@@ -127,7 +127,7 @@ class Datapath:
 
     def counters(self) -> dict:
         out: dict = {}
-        for key, values in self.b["obs_counters"].items():
+        for key, values in self.b[b"obs_counters"].items():
             k = (key.pod_idx, key.dir, key.verdict, key.reason)
             out[k] = out.get(k, 0) + sum(v.value for v in values)
         return out
