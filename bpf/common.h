@@ -198,6 +198,21 @@ static __always_inline int sent_to_connected_peer(struct bpf_sock_addr *ctx, con
            sk->dst_ip6[2] == ctx->user_ip6[2] && sk->dst_ip6[3] == ctx->user_ip6[3];
 }
 
+/* The calling task as a subject of the egress guard: its pod's config when the guard is on for that pod
+ * and the caller is not the proxy (the proxy's own traffic is the mesh's egress), else NULL. */
+static __always_inline struct pod_cfg *guard_subject(__u64 cookie, __u32 *uid, __u32 *gid)
+{
+    struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
+    if (!cfg || !(cfg->flags & CFG_EGRESS_GUARD))
+        return 0;
+    __u64 ug = bpf_get_current_uid_gid();
+    *uid = (__u32)ug;
+    *gid = (__u32)(ug >> 32);
+    if (is_proxy_identity(cfg->pod_idx, *uid, *gid))
+        return 0;
+    return cfg;
+}
+
 /* The guard for one UDP datagram sent with an address (sendmsg4/6). UDP is never captured (DNS aside,
  * which the caller handled), so every such send bypasses the proxy. Returns 1 to let it go, 0 for EPERM
  * (after recording the denial). */

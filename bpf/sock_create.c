@@ -40,13 +40,10 @@ int bpfinit_sock_create(struct bpf_sock *ctx)
     if ((family != AF_INET && family != AF_INET6) || sock_kind_guarded_elsewhere(type, protocol))
         return 1;
     __u64 cookie = bpf_get_netns_cookie(ctx);
-    struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
-    if (!cfg || !(cfg->flags & CFG_EGRESS_GUARD))
+    __u32 uid, gid;
+    struct pod_cfg *cfg = guard_subject(cookie, &uid, &gid);
+    if (!cfg)
         return 1;
-    __u64 ug = bpf_get_current_uid_gid();
-    __u32 uid = (__u32)ug, gid = (__u32)(ug >> 32);
-    if (is_proxy_identity(cfg->pod_idx, uid, gid))
-        return 1;   /* as on every guard path: the proxy's own sockets are the mesh's egress */
 #if defined(BPFINIT_EVENTS_HELPERS)
     struct flow_tuple t;
     flow_zero(&t);
@@ -87,12 +84,9 @@ static __always_inline int ping_connect_guard(struct bpf_sock_addr *ctx, const i
     if (protocol != SC_IPPROTO_ICMP && protocol != SC_IPPROTO_ICMPV6)
         return 1;
     __u64 cookie = bpf_get_netns_cookie(ctx);
-    struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
-    if (!cfg || !(cfg->flags & CFG_EGRESS_GUARD))
-        return 1;
-    __u64 ug = bpf_get_current_uid_gid();
-    __u32 uid = (__u32)ug, gid = (__u32)(ug >> 32);
-    if (is_proxy_identity(cfg->pod_idx, uid, gid))
+    __u32 uid, gid;
+    struct pod_cfg *cfg = guard_subject(cookie, &uid, &gid);
+    if (!cfg)
         return 1;
     __u32 dst[4] = {};
     int mapped;

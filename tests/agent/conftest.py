@@ -30,6 +30,28 @@ def run_agent(args: list[str], env_extra: dict | None = None, timeout: float = 1
                           capture_output=True, text=True, timeout=timeout)
 
 
+def pod_rows(bpffs, name: str) -> dict:
+    """One pod's non-zero decision counters {(direction, verdict, reason): count}."""
+    from initagent import counters
+    pods = [p for p in counters.pod_counters(bpffs) if p["pod"] == name]
+    assert len(pods) == 1, pods
+    return {(r["direction"], r["verdict"], r["reason"]): r["count"] for r in pods[0]["counters"]}
+
+
+def denied_flows(bpffs, pod_ref: str, ip_version: bool = False) -> list[tuple]:
+    """(reason, l4, [IP version,] destination, port) of each DENIED event of pod `namespace/name`."""
+    import json
+    res = run_agent(["observe", "--bpffs", str(bpffs), "--pod", pod_ref, "--verdict", "DENIED"])
+    assert res.returncode == 0, res.stderr
+    out = []
+    for line in res.stdout.splitlines():
+        f = json.loads(line)["flow"]
+        (proto, l4), = f["l4"].items()
+        version = (f["IP"]["ipVersion"],) if ip_version else ()
+        out.append((f["bpfinit"]["reason"], proto, *version, f["IP"]["destination"], l4["destination_port"]))
+    return out
+
+
 @pytest.fixture(scope="session")
 def bpffs():
     from tests.podenv import bpffs_mount, require_kernel

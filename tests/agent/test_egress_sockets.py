@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from initagent import counters
-from tests.agent.conftest import PYTHON, REPO, run_agent
+from tests.agent.conftest import PYTHON, REPO, denied_flows as _denied_flows, pod_rows, run_agent
 from tests.podenv import Pod
 
 pytestmark = pytest.mark.kernel
@@ -178,24 +177,8 @@ def sockets_pod(bpffs, extra_args: list[str]):
             run_agent(["cleanup", "--bpffs", str(bpffs), "--netns", pod.netns_path])
 
 
-def pod_rows(bpffs, name: str) -> dict:
-    """This pod's non-zero counters {(direction, verdict, reason): count}."""
-    pods = [p for p in counters.pod_counters(bpffs) if p["pod"] == name]
-    assert len(pods) == 1, pods
-    return {(r["direction"], r["verdict"], r["reason"]): r["count"] for r in pods[0]["counters"]}
-
-
 def denied_flows(bpffs, name: str) -> list[tuple]:
-    """(reason, l4 name, IP version, destination, port, uid) of each DENIED event of this pod."""
-    res = run_agent(["observe", "--bpffs", str(bpffs), "--pod", f"{NAMESPACE}/{name}", "--verdict", "DENIED"])
-    assert res.returncode == 0, res.stderr
-    out = []
-    for line in res.stdout.splitlines():
-        f = json.loads(line)["flow"]
-        (proto, l4), = f["l4"].items()
-        out.append((f["bpfinit"]["reason"], proto, f["IP"]["ipVersion"], f["IP"]["destination"],
-                    l4["destination_port"]))
-    return out
+    return _denied_flows(bpffs, f"{NAMESPACE}/{name}", ip_version=True)
 
 
 # (family, type, protocol) -> what a pod with the guard gets from socket(), as root (CAP_NET_RAW)

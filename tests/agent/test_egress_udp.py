@@ -15,8 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from initagent import counters
-from tests.agent.conftest import PYTHON, REPO, run_agent
+from tests.agent.conftest import PYTHON, REPO, denied_flows as _denied_flows, pod_rows, run_agent
 from tests.podenv import Pod
 
 pytestmark = pytest.mark.kernel
@@ -153,22 +152,8 @@ def guarded_pod(bpffs, extra_args: list[str], resolv_conf: str = f"nameserver {N
             run_agent(["cleanup", "--bpffs", str(bpffs), "--netns", pod.netns_path])
 
 
-def pod_rows(bpffs, name: str) -> dict:
-    """This pod's non-zero counters {(direction, verdict, reason): count}."""
-    pods = [p for p in counters.pod_counters(bpffs) if p["pod"] == name]
-    assert len(pods) == 1, pods
-    return {(r["direction"], r["verdict"], r["reason"]): r["count"] for r in pods[0]["counters"]}
-
-
 def denied_flows(bpffs, name: str) -> list[tuple]:
-    res = run_agent(["observe", "--bpffs", str(bpffs), "--pod", f"egress-udp/{name}", "--verdict", "DENIED"])
-    assert res.returncode == 0, res.stderr
-    flows = [json.loads(line)["flow"] for line in res.stdout.splitlines()]
-    out = []
-    for f in flows:
-        (proto, l4), = f["l4"].items()
-        out.append((f["bpfinit"]["reason"], proto, f["IP"]["destination"], l4["destination_port"]))
-    return out
+    return _denied_flows(bpffs, f"egress-udp/{name}")
 
 
 @pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4-pod", "dual-stack-pod"])
