@@ -27,3 +27,6 @@
 #include "connect.c"
 #include "sockops.c"
 #include "getsockopt.c"
+#if __has_include("getpeername.c")
+#include "getpeername.c"   /* getpeername() shows the original destination of redirected sockets */
+#endif

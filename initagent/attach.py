@@ -252,7 +252,8 @@ def attached_ids(cgroup_path: str | Path) -> dict[str, list[int]]:
     fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name in ("inet4_connect", "inet6_connect", "sock_ops", "getsockopt", "udp4_sendmsg",
-                     "udp6_sendmsg", "udp4_recvmsg", "udp6_recvmsg", "inet_sock_create"):
+                     "udp6_sendmsg", "udp4_recvmsg", "udp6_recvmsg", "inet_sock_create", "inet4_getpeername",
+                     "inet6_getpeername"):
             out[name] = bpfsys.prog_query(fd, bpfsys.ATTACH[name])
     finally:
         os.close(fd)

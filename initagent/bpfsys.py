@@ -29,7 +29,8 @@ PROG_TYPE = {"cgroup_sock": 9, "sock_ops": 13, "sk_msg": 16, "cgroup_sock_addr":
              "sk_lookup": 30}
 ATTACH = {"inet_sock_create": 2, "sock_ops": 3, "sk_msg_verdict": 7, "inet4_connect": 10, "inet6_connect": 11,
           "udp4_sendmsg": 14, "udp6_sendmsg": 15, "udp4_recvmsg": 19, "udp6_recvmsg": 20,
-          "getsockopt": 21, "setsockopt": 22, "sk_lookup": 36}
+          "getsockopt": 21, "setsockopt": 22, "sk_lookup": 36,
+          "inet4_getpeername": 29, "inet6_getpeername": 30}   # getpeername: checked against vmlinux BTF
 
 # Feature probes (doctor) and anything else that loads or creates objects itself.
 MAP_CREATE, PROG_LOAD, BTF_LOAD = 0, 5, 18

@@ -40,6 +40,7 @@ PART_PURPOSE = {
     "sk_lookup.c": "inbound capture",
     "accel.c": "sockmap acceleration (--accelerate)",
     "sock_create.c": "the egress guard's socket-type check",
+    "getpeername.c": "getpeername() showing the original destination",
 }
 OPTIONAL_PARTS = {"accel.c"}   # off by default; the pod works without it
 
@@ -48,6 +49,7 @@ PROG_MIN_KERNEL = {
     "inet4_connect": "4.17", "inet6_connect": "4.17", "udp4_sendmsg": "4.18", "udp6_sendmsg": "4.18",
     "udp4_recvmsg": "5.2", "udp6_recvmsg": "5.2", "sock_ops": "4.13", "getsockopt": "5.3",
     "sk_lookup": "5.9", "sk_msg_verdict": "4.17", "inet_sock_create": "4.10",
+    "inet4_getpeername": "5.8", "inet6_getpeername": "5.8",
 }
 HELPER_MIN_KERNEL = {
     ("get_netns_cookie", "cgroup_sock_addr"): "5.7", ("get_netns_cookie", "cgroup_sock"): "5.7",
@@ -70,6 +72,7 @@ HELPER_NEEDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("accel.c", "sock_ops", ("get_netns_cookie", "sock_hash_update", "map_lookup_elem", EVENTS)),
     ("accel.c", "sk_msg", ("msg_redirect_hash",)),
     ("sock_create.c", "cgroup_sock", ("get_netns_cookie", "get_current_uid_gid", "map_lookup_elem", EVENTS)),
+    ("getpeername.c", "cgroup_sock_addr", ("get_netns_cookie", "sk_storage_get", "map_lookup_elem")),
 )
 
 # Map types bpf/maps.h declares (one compile unit: every one of them must exist). The event buffer

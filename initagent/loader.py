@@ -49,6 +49,9 @@ PROGRAMS: list[ProgSpec] = [
     ProgSpec("bpfinit_sk_msg", "sk_msg", "sk_msg_verdict", "none", "accel.c"),
     # egress guard: socket kinds the connect/sendmsg hooks do not see (raw, UDP-Lite, SCTP...)
     ProgSpec("bpfinit_sock_create", "cgroup_sock", "inet_sock_create", "cgroup", "sock_create.c"),
+    # getpeername() of a redirected socket shows its original destination (as with iptables NAT)
+    ProgSpec("bpfinit_getpeername4", "cgroup_sock_addr", "inet4_getpeername", "cgroup", "getpeername.c"),
+    ProgSpec("bpfinit_getpeername6", "cgroup_sock_addr", "inet6_getpeername", "cgroup", "getpeername.c"),
 ]
 
 CORE_PARTS = ("connect.c", "sockops.c", "getsockopt.c")
