@@ -30,6 +30,30 @@ def run_agent(args: list[str], env_extra: dict | None = None, timeout: float = 1
                           capture_output=True, text=True, timeout=timeout)
 
 
+# UDP (and UDP-Lite) echo server for the cluster netns (and the pod's loopback): answers every datagram
+# with a JSON line naming itself and the sender; exits after `timeout` seconds.
+# argv: name timeout [[addr, port], ...]
+UDP_SERVER = r"""
+import json, select, socket, sys, time
+name, timeout, binds = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
+socks = []
+for addr, port in binds:
+    for proto in (socket.IPPROTO_UDP, 136):   # 136: UDP-Lite
+        try:
+            s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM, proto)
+        except PermissionError:   # in a guarded pod UDP-Lite sockets are refused (sock_create.c)
+            continue
+        s.bind((addr, port))
+        socks.append(s)
+print("READY", flush=True)
+deadline = time.monotonic() + timeout
+while time.monotonic() < deadline:
+    for s in select.select(socks, [], [], 0.5)[0]:
+        data, peer = s.recvfrom(2048)
+        s.sendto(json.dumps({"server": name, "to": list(s.getsockname()[:2]), "from": peer[0]}).encode(), peer)
+"""
+
+
 def pod_rows(bpffs, name: str) -> dict:
     """One pod's non-zero decision counters {(direction, verdict, reason): count}."""
     from initagent import counters

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.conftest import PYTHON, REPO, denied_flows as _denied_flows, pod_rows, run_agent
+from tests.agent.conftest import PYTHON, REPO, UDP_SERVER, denied_flows as _denied_flows, pod_rows, run_agent
 from tests.podenv import Pod
 
 pytestmark = pytest.mark.kernel
@@ -108,24 +108,6 @@ def probe(mode, host, port):
 print(json.dumps([probe(*p) for p in json.loads(sys.argv[1])[:50]]), flush=True)
 """
 
-# UDP and UDP-Lite echo server (cluster netns): answers each datagram with {"server": name}.
-# argv: name timeout [[addr, port], ...]
-DGRAM_SERVER = r"""
-import json, select, socket, sys, time
-name, timeout, binds = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
-socks = []
-for addr, port in binds:
-    for proto in (socket.IPPROTO_UDP, 136):
-        s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM, proto)
-        s.bind((addr, port))
-        socks.append(s)
-print("READY", flush=True)
-deadline = time.monotonic() + timeout
-while time.monotonic() < deadline:
-    for s in select.select(socks, [], [], 0.5)[0]:
-        data, peer = s.recvfrom(2048)
-        s.sendto(json.dumps({"server": name}).encode(), peer)
-"""
 
 
 def kernel_has_sctp() -> bool:
@@ -160,7 +142,7 @@ def sockets_pod(bpffs, extra_args: list[str]):
         addrs = (ALLOWED4, ICMP_OK4, OTHER4, ALLOWED6, ICMP_OK6, OTHER6)
         for addr in addrs:
             pod.cluster.add_address(addr)
-        start(pod.peer_popen([PYTHON, "-c", DGRAM_SERVER, "peer", "120", json.dumps([[a, 9092] for a in addrs])]))
+        start(pod.peer_popen([PYTHON, "-c", UDP_SERVER, "peer", "120", json.dumps([[a, 9092] for a in addrs])]))
         start(pod.peer_popen([PYTHON, PROBE, "serve", "--name", "peer", "--bind", "::", "--port", "9092",
                               "--timeout", "120"]))
         # ping sockets for every gid in this netns (the sysctl is per netns); root and the proxy use it too

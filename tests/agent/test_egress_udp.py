@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.agent.conftest import PYTHON, REPO, denied_flows as _denied_flows, pod_rows, run_agent
+from tests.agent.conftest import PYTHON, REPO, UDP_SERVER, denied_flows as _denied_flows, pod_rows, run_agent
 from tests.podenv import Pod
 
 pytestmark = pytest.mark.kernel
@@ -33,28 +33,6 @@ ALLOW = "10.20.0.0/16:9092,[fd00:20::/64]:9092"
 APP = {"uid": 1000, "gid": 1000}
 PROXY = {"uid": 1337, "gid": 1337}
 
-# UDP (and UDP-Lite) echo server for the cluster netns (and the pod's loopback): answers every datagram
-# with a JSON line naming itself and the sender; exits after `timeout` seconds.
-# argv: name timeout [[addr, port], ...]
-UDP_SERVER = r"""
-import json, select, socket, sys, time
-name, timeout, binds = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
-socks = []
-for addr, port in binds:
-    for proto in (socket.IPPROTO_UDP, 136):   # 136: UDP-Lite
-        try:
-            s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM, proto)
-        except PermissionError:   # in a guarded pod UDP-Lite sockets are refused (sock_create.c)
-            continue
-        s.bind((addr, port))
-        socks.append(s)
-print("READY", flush=True)
-deadline = time.monotonic() + timeout
-while time.monotonic() < deadline:
-    for s in select.select(socks, [], [], 0.5)[0]:
-        data, peer = s.recvfrom(2048)
-        s.sendto(json.dumps({"server": name, "to": list(s.getsockname()[:2]), "from": peer[0]}).encode(), peer)
-"""
 
 # UDP client: argv[1] = JSON list of [mode, host, port]. Modes: "sendto" (unconnected socket),
 # "connect" (connect + send + recv), "connect3" (connect, then three send/recv rounds); a "lite-" prefix
