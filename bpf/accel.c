@@ -17,33 +17,55 @@ static __always_inline int bi_is_passthrough(__u32 family, const __u32 *a)
     return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(6);
 }
 
+/* The key of one end: its own 4-tuple. An IPv4 connection on a dual-stack (AF_INET6) socket, as every
+ * `bind :::port` app accepts, is keyed as IPv4, so it meets its AF_INET peer (the proxy) in the map. */
+static __always_inline int bi_sock_key_fill(struct bi_sock_key *key, __u32 family, __u32 lport, __u32 rport,
+                                            __u32 l4, __u32 l0, __u32 l1, __u32 l2, __u32 l3,
+                                            __u32 r4, __u32 r0, __u32 r1, __u32 r2, __u32 r3)
+{
+    key->lport = lport;
+    key->rport = rport;
+    if (family == AF_INET6 && l0 == 0 && l1 == 0 && l2 == bpf_htonl(0xffff) &&
+        r0 == 0 && r1 == 0 && r2 == bpf_htonl(0xffff)) {
+        family = AF_INET;
+        l4 = l3;
+        r4 = r3;
+    }
+    if (family != AF_INET && family != AF_INET6)
+        return -1;
+    key->family = family;
+    addr_from_words(key->local, family, l4, l0, l1, l2, l3);
+    addr_from_words(key->remote, family, r4, r0, r1, r2, r3);
+    return 0;
+}
+
+/* Both ends are in this netns, so the connection runs over lo: either end on 127/8 or ::1 (the inbound
+ * proxy dials the pod IP from 127.0.0.6), the passthrough source, or the pod IP talking to itself. */
+static __always_inline int bi_on_loopback(const struct bi_sock_key *key)
+{
+    if (key->family == AF_INET)
+        return (bpf_ntohl(key->remote[0]) >> 24) == 127 || (bpf_ntohl(key->local[0]) >> 24) == 127 ||
+               key->remote[0] == key->local[0];
+    const __u32 *l = key->local, *r = key->remote;
+    int same = l[0] == r[0] && l[1] == r[1] && l[2] == r[2] && l[3] == r[3];
+    int lo = (r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3] == bpf_htonl(1)) ||
+             (l[0] == 0 && l[1] == 0 && l[2] == 0 && l[3] == bpf_htonl(1));
+    return same || lo || bi_is_passthrough(AF_INET6, r) || bi_is_passthrough(AF_INET6, l);
+}
+
 static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, struct pod_cfg *cfg)
 {
     if (!(cfg->flags & CFG_ACCELERATE))
         return;
     struct bi_sock_key key = {};
-    key.family = skops->family;
-    key.lport = skops->local_port;                    /* host order */
-    key.rport = bpf_ntohl(skops->remote_port);        /* network order in the high 16 bits */
     /* Unconditional loads: an if/else makes clang load through a selected ctx pointer, which the
-     * verifier rejects. */
+     * verifier rejects. Ports: local in host order, remote in network order in the high 16 bits. */
     __u32 l4 = skops->local_ip4, r4 = skops->remote_ip4;
     __u32 l0 = skops->local_ip6[0], l1 = skops->local_ip6[1], l2 = skops->local_ip6[2], l3 = skops->local_ip6[3];
     __u32 r0 = skops->remote_ip6[0], r1 = skops->remote_ip6[1], r2 = skops->remote_ip6[2], r3 = skops->remote_ip6[3];
-    if (key.family != AF_INET && key.family != AF_INET6)
+    if (bi_sock_key_fill(&key, skops->family, skops->local_port, bpf_ntohl(skops->remote_port),
+                         l4, l0, l1, l2, l3, r4, r0, r1, r2, r3) < 0 || !bi_on_loopback(&key))
         return;
-    addr_from_words(key.local, key.family, l4, l0, l1, l2, l3);
-    addr_from_words(key.remote, key.family, r4, r0, r1, r2, r3);
-    if (key.family == AF_INET) {
-        /* loopback only: both ends in this netns (127/8, or the pod IP talking to itself) */
-        if ((bpf_ntohl(r4) >> 24) != 127 && r4 != l4)
-            return;
-    } else {
-        int same = l0 == r0 && l1 == r1 && l2 == r2 && l3 == r3;
-        int lo = r0 == 0 && r1 == 0 && r2 == 0 && r3 == bpf_htonl(1);
-        if (!same && !lo && !bi_is_passthrough(AF_INET6, key.remote))
-            return;
-    }
     __u32 p = cfg->proxy_port, z = cfg->inbound_capture_port;
     int outbound = key.lport == p || key.rport == p;
     int inbound = key.lport == z || key.rport == z ||
@@ -64,12 +86,10 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
     __u32 l4 = msg->local_ip4, r4 = msg->remote_ip4;
     __u32 l0 = msg->local_ip6[0], l1 = msg->local_ip6[1], l2 = msg->local_ip6[2], l3 = msg->local_ip6[3];
     __u32 r0 = msg->remote_ip6[0], r1 = msg->remote_ip6[1], r2 = msg->remote_ip6[2], r3 = msg->remote_ip6[3];
-    peer.family = msg->family;
-    peer.lport = bpf_ntohl(msg->remote_port);
-    peer.rport = msg->local_port;
-    addr_from_words(peer.local, peer.family, r4, r0, r1, r2, r3);   /* the peer's local end is our remote */
-    addr_from_words(peer.remote, peer.family, l4, l0, l1, l2, l3);
-    bi_accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+    /* the peer's key: its local end is our remote one */
+    if (bi_sock_key_fill(&peer, msg->family, bpf_ntohl(msg->remote_port), msg->local_port,
+                         r4, r0, r1, r2, r3, l4, l0, l1, l2, l3) == 0)
+        bi_accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
     return SK_PASS;   /* redirected if the peer is in the map; otherwise the normal path, never a drop */
 }
 
