@@ -10,6 +10,8 @@ Two "pods" (client, server; tests/podenv.py namespaces joined by a bridge), real
   D  bpfinit+accel : C with --accelerate. On this kernel the splice(2) self-test fails (sockmap data is
                 invisible to splice), so D is run with BPFINIT_ACCEL_SKIP_SPLICE_CHECK=1 (HAProxy does not
                 splice here) and labelled as such.
+Sidecars: HAProxy `mode tcp` by default (the brief's stand-in for Envoy: one upstream connection per client
+connection, to the original destination); `--proxy-mode http` runs them as HTTP proxies that parse every request.
 Both sidecars are in the path for F, B, C, D. Load: wrk keep-alive 16 connections, new connection per
 request (Connection: close) 16 connections, and 1 connection (unloaded latency). Configs interleaved,
 --runs rounds (>= 4). Output: bench/results/datapath-<ts>.json and .png (matplotlib, `pip install .[bench]`).
@@ -54,13 +56,18 @@ frontend app
     http-request return status 200 content-type text/plain string "hello from the app"
 """
 
-# transparent sidecar: original destination from SO_ORIGINAL_DST (conntrack for B, bpfinit for C/D)
-SIDECAR_MESH = sidecar_config(inbound_port=15006, http=True, inbound_ipv6=False, reuse_upstream=True, maxconn=8000)
+PROXY_MODES = ("tcp", "http")
 
 
-def sidecar_floor(server_ip: str) -> str:
+def sidecar_mesh(proxy_mode: str) -> str:
+    """The transparent sidecar: original destination from SO_ORIGINAL_DST (conntrack for B, bpfinit for C/D)."""
+    return sidecar_config(inbound_port=15006, http=proxy_mode == "http", inbound_ipv6=False,
+                          reuse_upstream=True, maxconn=8000)
+
+
+def sidecar_floor(server_ip: str, proxy_mode: str) -> str:
     """The floor: the same two proxies, addressed explicitly (no original destination involved)."""
-    return sidecar_config(inbound_port=15006, http=True, outbound_server=f"{server_ip}:15006",
+    return sidecar_config(inbound_port=15006, http=proxy_mode == "http", outbound_server=f"{server_ip}:15006",
                           inbound_server="127.0.0.1:8080", inbound_source=None, inbound_ipv6=False,
                           reuse_upstream=True, maxconn=8000)
 
@@ -137,7 +144,12 @@ def parse_wrk(out: str) -> dict:
     return res
 
 
-def one_config(config: str, duration: float, bpffs: Path) -> dict:
+def lo_tx_bytes(pod) -> int:
+    """Bytes the pod sent over its loopback: the app<->sidecar hops, unless sk_msg accelerates them."""
+    return int(pod.run(["cat", "/sys/class/net/lo/statistics/tx_bytes"], check=True).stdout)
+
+
+def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp") -> dict:
     results = {}
     with Cluster() as cluster, contextlib.ExitStack() as proxies:
         client, server = cluster.add_pod("bcl"), cluster.add_pod("bsv")
@@ -158,7 +170,7 @@ def one_config(config: str, duration: float, bpffs: Path) -> dict:
                 if extra:
                     assert "acceleration on" in r.stdout, r.stdout + r.stderr
         if config != "A_nomesh":
-            text = sidecar_floor(server.addr4) if config == "F_floor" else SIDECAR_MESH
+            text = sidecar_floor(server.addr4, proxy_mode) if config == "F_floor" else sidecar_mesh(proxy_mode)
             for pod in (client, server):
                 sidecars.append(proxies.enter_context(HAProxy(pod, text, name=f"sidecar-{pod.label}")))
         url = "http://127.0.0.1:15001/" if config == "F_floor" else f"http://{server.addr4}:8080/"
@@ -168,14 +180,18 @@ def one_config(config: str, duration: float, bpffs: Path) -> dict:
             time.sleep(1.0)
             load = Path("/proc/loadavg").read_text().split()[:3]
             pids = [p.pid for p in sidecars]
-            h0, p0 = host_busy_us(), proc_cpu_us(pids)
+            lo0 = [lo_tx_bytes(pod) for pod in (client, server)]
+            t0, h0, p0 = time.monotonic(), host_busy_us(), proc_cpu_us(pids)
             out = client.run(["wrk", *args, f"-d{duration:g}s", "--latency", url], uid=1000, gid=1000,
                              timeout=duration + 30)
-            h1, p1 = host_busy_us(), proc_cpu_us(pids)
+            t1, h1, p1 = time.monotonic(), host_busy_us(), proc_cpu_us(pids)
+            lo1 = [lo_tx_bytes(pod) for pod in (client, server)]
             r = parse_wrk(out.stdout)
             n = max(1, r["requests"])
             r.update(host_cpu_us_per_req=(h1 - h0) / n, proxy_cpu_us_per_req=(p1 - p0) / n if pids else 0.0,
-                     loadavg_before=load)
+                     host_busy_cores=(h1 - h0) / 1e6 / (t1 - t0), loadavg_before=load,
+                     # ~0 when sk_msg carries both app<->sidecar hops (D); the request and response otherwise
+                     lo_bytes_per_req={"client": (lo1[0] - lo0[0]) / n, "server": (lo1[1] - lo0[1]) / n})
             if config == "B_iptables" and mode == "close":
                 ct = subprocess.run(["ip", "netns", "exec", client.name, "cat", "/proc/net/nf_conntrack"],
                                     capture_output=True, text=True)
@@ -196,7 +212,9 @@ def summarize(runs: list[dict]) -> dict:
                 return statistics.mean(vals) if vals else None
             summary.setdefault(config, {})[mode] = {
                 k: mean(k) for k in ("rps", "avg_ms", "p50_ms", "p99_ms", "host_cpu_us_per_req",
-                                     "proxy_cpu_us_per_req")}
+                                     "proxy_cpu_us_per_req", "host_busy_cores")}
+            summary[config][mode]["lo_bytes_per_req"] = {
+                pod: statistics.mean(row["lo_bytes_per_req"][pod] for row in rows) for pod in ("client", "server")}
             summary[config][mode]["rps_runs"] = [row["rps"] for row in rows]
             summary[config][mode]["errors"] = sum(row["errors"] for row in rows)
     ratios: dict = {}
@@ -238,7 +256,7 @@ def plot(result: dict, path: Path) -> bool:
         ax.set_xticklabels([l.split("_", 1)[1] for l in labels], rotation=20)
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"bpfinit datapath, {result['machine']['kernel']}, {result['machine']['cpus']} vCPU, "
-                 f"{result['runs']} interleaved runs")
+                 f"HAProxy sidecars in {result.get('proxy_mode', 'http')} mode, {result['runs']} interleaved runs")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return True
@@ -249,6 +267,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--proxy-mode", choices=PROXY_MODES, default="tcp",
+                    help="sidecars as TCP proxies (default, like Envoy's original-destination passthrough) or HTTP")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -267,12 +287,13 @@ def main() -> int:
             run = {}
             for config in order:
                 print(f"run {i + 1}/{args.runs} {config}", flush=True)
-                run[config] = one_config(config, args.duration, bpffs)
+                run[config] = one_config(config, args.duration, bpffs, args.proxy_mode)
             runs.append(run)
     result = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                           "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
                           "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
-              "runs": args.runs, "duration_s": args.duration, "started": started, "raw": runs}
+              "runs": args.runs, "duration_s": args.duration, "proxy_mode": args.proxy_mode,
+              "started": started, "raw": runs}
     result.update(summarize(runs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
