@@ -9,7 +9,8 @@
  * The answer is rewritten only while the socket's real peer is still the redirect target: a socket
  * whose redirected connect failed and which then connected elsewhere keeps its stale entry, and must
  * see its true peer. Sockets without an entry (everything not redirected, the proxy's own sockets,
- * its accepted sockets: sk storage is not cloned on accept) return at once. */
+ * its accepted sockets: sk storage is not cloned on accept) return at once. DNS sent to the DNS proxy
+ * over TCP (or connected UDP) shows its server too, from dns.c's per-socket record. */
 
 /* Is this the loopback address connect.c redirected to (127.0.0.1, ::1, ::ffff:127.0.0.1)? */
 static __always_inline int gp_peer_is_redirect_target(const int hook6, const __u32 *peer)
@@ -21,14 +22,35 @@ static __always_inline int gp_peer_is_redirect_target(const int hook6, const __u
     return peer[0] == 0 && peer[1] == 0 && peer[2] == 0 && peer[3] == bpf_htonl(1);
 }
 
+/* Write `addr`:`port_be` (family `family`) as the peer. Volatile stores: clang must not merge two 32-bit
+ * ctx stores (verifier). */
+static __always_inline void gp_write_peer(struct bpf_sock_addr *ctx, const int hook6, __u32 family,
+                                          const __u32 *addr, __u16 port_be)
+{
+    if (!hook6) {
+        if (family != AF_INET)
+            return;   /* cannot happen on an AF_INET socket; never write a wrong address */
+        *(volatile __u32 *)&ctx->user_ip4 = addr[0];
+    } else if (family == AF_INET) {
+        /* an AF_INET6 socket that connected to a v4-mapped address */
+        *(volatile __u32 *)&ctx->user_ip6[0] = 0;
+        *(volatile __u32 *)&ctx->user_ip6[1] = 0;
+        *(volatile __u32 *)&ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+        *(volatile __u32 *)&ctx->user_ip6[3] = addr[0];
+    } else {
+        *(volatile __u32 *)&ctx->user_ip6[0] = addr[0];
+        *(volatile __u32 *)&ctx->user_ip6[1] = addr[1];
+        *(volatile __u32 *)&ctx->user_ip6[2] = addr[2];
+        *(volatile __u32 *)&ctx->user_ip6[3] = addr[3];
+    }
+    *(volatile __u32 *)&ctx->user_port = port_be;
+}
+
 /* `hook6` is a constant (the verifier's per-hook ctx rules). Always returns 1: never fails the call. */
 static __always_inline int getpeername_hook(struct bpf_sock_addr *ctx, const int hook6)
 {
     struct bpf_sock *sk = ctx->sk;   /* one load: see connect.c */
     if (!sk)
-        return 1;
-    struct orig_dst *od = orig_by_sock.sk_storage_get(sk, 0, 0);
-    if (!od || !od->redirected)
         return 1;
     __u32 peer[4] = {};
     if (!hook6) {
@@ -40,32 +62,24 @@ static __always_inline int getpeername_hook(struct bpf_sock_addr *ctx, const int
         peer[3] = ctx->user_ip6[3];
     }
     if (!gp_peer_is_redirect_target(hook6, peer))
-        return 1;
-    __u64 cookie = bpf_get_netns_cookie(ctx);
-    struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
-    if (!cfg || cfg->pod_idx != od->pod_idx)
-        return 1;
-    __u16 target = od->redirected == 2 ? cfg->inbound_capture_port : cfg->proxy_port;
-    if ((__u16)ctx->user_port != bpf_htons(target))
-        return 1;
-    /* Volatile stores: clang must not merge two 32-bit ctx stores (verifier). */
-    if (!hook6) {
-        if (od->family != AF_INET)
-            return 1;   /* cannot happen on an AF_INET socket; never write a wrong address */
-        *(volatile __u32 *)&ctx->user_ip4 = od->addr_be[0];
-    } else if (od->family == AF_INET) {
-        /* an AF_INET6 socket that connected to a v4-mapped address */
-        *(volatile __u32 *)&ctx->user_ip6[0] = 0;
-        *(volatile __u32 *)&ctx->user_ip6[1] = 0;
-        *(volatile __u32 *)&ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
-        *(volatile __u32 *)&ctx->user_ip6[3] = od->addr_be[0];
-    } else {
-        *(volatile __u32 *)&ctx->user_ip6[0] = od->addr_be[0];
-        *(volatile __u32 *)&ctx->user_ip6[1] = od->addr_be[1];
-        *(volatile __u32 *)&ctx->user_ip6[2] = od->addr_be[2];
-        *(volatile __u32 *)&ctx->user_ip6[3] = od->addr_be[3];
+        return 1;   /* most calls: a real peer, nothing of ours */
+    struct orig_dst *od = orig_by_sock.sk_storage_get(sk, 0, 0);
+    if (od && od->redirected) {
+        __u64 cookie = bpf_get_netns_cookie(ctx);
+        struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
+        if (!cfg || cfg->pod_idx != od->pod_idx)
+            return 1;
+        __u16 target = od->redirected == 2 ? cfg->inbound_capture_port : cfg->proxy_port;
+        if ((__u16)ctx->user_port == bpf_htons(target)) {
+            gp_write_peer(ctx, hook6, od->family, od->addr_be, od->port_be);
+            return 1;
+        }
     }
-    *(volatile __u32 *)&ctx->user_port = od->port_be;
+    /* A TCP (or connected UDP) DNS socket that dns.c sent to the DNS proxy: the server it addressed. */
+    __u64 sock_cookie = bpf_get_socket_cookie(ctx);
+    struct bi_dns_orig *o = bi_dns_orig.lookup(&sock_cookie);
+    if (o && (__u16)ctx->user_port == o->via_port)
+        gp_write_peer(ctx, hook6, o->family, o->addr, o->port);
     return 1;
 }
 

@@ -12,14 +12,10 @@ import re
 import struct
 from pathlib import Path
 
-from initagent import bpfsys, inbound
+from initagent import bpfsys, headers, inbound
 
 REPO = Path(__file__).resolve().parents[2]
 BPF_DIR = REPO / "bpf"
-HDR_AMD64 = "/usr/src/linux-headers-6.1.0-56-amd64"
-HDR_COMMON = "/usr/src/linux-headers-6.1.0-56-common"
-CFLAGS = [f"-I{HDR_AMD64}/arch/x86/include/generated", f"-I{HDR_AMD64}/include",
-          f"-I{HDR_AMD64}/arch/x86/include/generated/uapi", f"-I{HDR_AMD64}/include/generated/uapi"]
 
 def expand(path: Path) -> str:
     """Inline local #include "x" textually (bcc rewrites map calls only in the main text), resolving
@@ -61,14 +57,15 @@ class Datapath:
 
     def __init__(self) -> None:
         from bcc import BPF, lib
-        os.environ["BCC_KERNEL_SOURCE"] = HDR_COMMON
+        found = headers.find()          # the same header search as the agent
+        os.environ.update(found.environ())
         self.BPF = BPF
         self.lib = lib
-        self.b = BPF(text=source().encode(), cflags=CFLAGS)
+        self.b = BPF(text=source().encode(), cflags=list(found.cflags))
         self.sockops = self.b.load_func(b"bpfinit_sockops", BPF.SOCK_OPS)
         self.sk_lookup = self.b.load_func(b"bpfinit_sk_lookup", 30, attach_type=36)
         sa = BPF.CGROUP_SOCK_ADDR
-        # (attach type, function): connect4/6 of the core, ours for UDP DNS, sendmsg/recvmsg, getsockopt
+        # (attach type, function): connect4/6 of the core, ours for UDP DNS, sendmsg/recvmsg, getsockopt, getpeername
         self.progs = [
             (10, self.b.load_func(b"bpfinit_connect4", sa, attach_type=10)),
             (11, self.b.load_func(b"bpfinit_connect6", sa, attach_type=11)),
@@ -77,6 +74,8 @@ class Datapath:
             (19, self.b.load_func(b"bpfinit_recvmsg4", sa, attach_type=19)),
             (20, self.b.load_func(b"bpfinit_recvmsg6", sa, attach_type=20)),
             (21, self.b.load_func(b"bpfinit_getsockopt", 25, attach_type=21)),
+            (29, self.b.load_func(b"bpfinit_getpeername4", sa, attach_type=29)),
+            (30, self.b.load_func(b"bpfinit_getpeername6", sa, attach_type=30)),
         ]
         self.sk_msg = self.b.load_func(b"bpfinit_sk_msg", BPF.SK_MSG)
         self._sk_msg_attached = False

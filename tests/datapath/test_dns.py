@@ -19,6 +19,21 @@ PY = sys.executable
 REAL, PROXY = "10.53.0.1", "10.53.0.2"
 
 
+# getpeername() of a TCP and a connected UDP socket to the server: the server, as with iptables' NAT
+PEERS = r"""
+import socket, sys
+host = sys.argv[1]
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+seen = []
+for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+    with socket.socket(fam, kind) as s:
+        s.settimeout(5)
+        s.connect((host, 53))
+        seen.append("%s:%d" % s.getpeername()[:2])
+print(" ".join(seen))
+"""
+
+
 def start(popen, bind, port, ans):
     proc = popen([PY, DNSSERVER, "--bind", bind, "--port", str(port), "--answer", ans, "--timeout", "60"])
     assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
@@ -63,6 +78,8 @@ def test_dns_to_nameserver_goes_to_dns_proxy_and_looks_like_the_server(datapath,
                     assert answer_of(out) == PROXY, out
                     assert "unexpected source" not in out, out     # recvmsg shows the original server
                     assert f"SERVER: {server}#53" in out, out
+                res = pod.run([PY, "-c", PEERS, server], uid=1000, gid=1000)
+                assert res.stdout.split() == [f"{server}:53"] * 2, res.stdout + res.stderr
             # the proxy's own upstream query is not captured
             out = dig(pod, pod.peer_addr4, uid=1337)
             assert answer_of(out) == REAL, out
