@@ -6,6 +6,8 @@ splice() interactions; ebpf-landscape.md §4). So it is switched on for a pod on
   2. a start-up self-test in the pod itself passes: app<->proxy-port loopback connection, keep-alive
      (several exchanges on one connection), a response of several MB, and the receiver reading it
      with splice(2), all byte-exact and within a deadline, with both sockets really in the sockhash.
+The splice(2) part alone can be waived by the operator (--accelerate-skip-splice-check), for workloads
+that never splice(); the log line then says splice was NOT checked.
 Otherwise the pod is re-configured without acceleration and the agent says so (it never fails the pod
 for it). The sk_msg program is attached to the pinned sockhash, so it outlives the agent.
 """
@@ -25,6 +27,9 @@ MIN_KERNEL = (5, 10)            # first LTS with sockhash + sk_msg redirect fixe
 SOCK_KEY_SIZE = 44              # struct bi_sock_key (maps.h)
 SELFTEST_SIZES = (100, 4 * 1024 * 1024, 100)
 SELFTEST_DEADLINE_S = 5.0
+# Said in the "acceleration on" line whenever the operator waived the splice part: never silent.
+SPLICE_WAIVED = ("splice(2) NOT checked: waived by the operator (--accelerate-skip-splice-check / "
+                 "BPFINIT_ACCEL_SKIP_SPLICE_CHECK / bpfinit.io/accelerate-skip-splice-check)")
 
 
 def kernel_gate(release: str | None = None) -> tuple[bool, str]:
@@ -134,7 +139,7 @@ def self_test(port: int, count_socks=None, deadline_s: float = SELFTEST_DEADLINE
         return False, errors[0]
     if count_socks is not None and in_map < 2:
         return False, f"the connection was not accelerated ({in_map} sockets in the sockhash)"
-    how = "received with splice(2)" if check_splice else "splice(2) NOT checked (BPFINIT_ACCEL_SKIP_SPLICE_CHECK)"
+    how = "received with splice(2)" if check_splice else SPLICE_WAIVED
     return True, f"{len(SELFTEST_SIZES)} keep-alive exchanges up to {max(SELFTEST_SIZES) >> 20} MiB, {how}"
 
 
@@ -146,11 +151,10 @@ def enable_or_fall_back(build, cfg, facts, cgroup_path, result):
         try:
             attach_sk_msg(build)
             fd = build.map_fd("bi_accel_socks")
-            # Operator override for workloads known never to splice() (on this machine's 6.18 kernel splice
+            # Operator waiver for workloads known never to splice() (on this machine's 6.18 kernel splice
             # stalls on accelerated sockets, so the full self-test always falls back). Logged, never silent.
-            skip_splice = os.environ.get("BPFINIT_ACCEL_SKIP_SPLICE_CHECK", "") == "1"
             ok, why = self_test(cfg.proxy_port, lambda: len(bpfsys.map_keys(fd, SOCK_KEY_SIZE, limit=65536)),
-                                check_splice=not skip_splice)
+                                check_splice=not cfg.accelerate_skip_splice_check)
         except OSError as err:
             ok, why = False, f"sk_msg attach failed: {err.strerror}"
     if ok:

@@ -85,6 +85,8 @@ class CaptureConfig:
     envoy_user: str = "istio-proxy"
     # --- bpfinit's own ---
     accelerate: bool = False
+    # waives only the splice(2) part of the acceleration self-test; no effect without accelerate
+    accelerate_skip_splice_check: bool = False
     egress_allow: Optional[tuple[EgressRule, ...]] = None   # None = no egress guard
     cgroup: str = ""              # pod cgroup v2 dir ("" = find it from POD_UID)
     bpffs: str = DEFAULT_BPFFS
@@ -193,6 +195,7 @@ _FLAGS = [
     # bpfinit's own
     _Flag("egress-allow", "", "str", ("BPFINIT_EGRESS_ALLOW",)),
     _Flag("accelerate", "", "bool", ("BPFINIT_ACCELERATE",)),
+    _Flag("accelerate-skip-splice-check", "", "bool", ("BPFINIT_ACCEL_SKIP_SPLICE_CHECK",)),
     _Flag("cgroup", "", "str", ()),
     _Flag("bpffs", "", "str", ()),
     _Flag("netns", "", "str", ()),
@@ -492,7 +495,8 @@ def parse(
                       ("capture_all_dns", "capture-all-dns"), ("drop_invalid", "drop-invalid"),
                       ("dual_stack", "dual-stack"), ("cni_mode", "cni-mode"), ("reconcile", "reconcile"),
                       ("cleanup_only", "cleanup-only"), ("force_apply", "force-apply"),
-                      ("native_nftables", "native-nftables"), ("accelerate", "accelerate")):
+                      ("native_nftables", "native-nftables"), ("accelerate", "accelerate"),
+                      ("accelerate_skip_splice_check", "accelerate-skip-splice-check")):
         kw[key] = _bool(values, long)
     kw["network_namespace"] = values.get("network-namespace", "")
     binary = values.get("force-iptables-binary", "")

@@ -22,6 +22,8 @@ import yaml
 # bpfinit's own annotations (docs/ARCHITECTURE.md, "Webhook annotations").
 BPFINIT_INJECT = "bpfinit.io/inject"
 BPFINIT_ACCELERATE = "bpfinit.io/accelerate"
+# waives the splice(2) part of the acceleration self-test (agent --accelerate-skip-splice-check)
+BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK = "bpfinit.io/accelerate-skip-splice-check"
 BPFINIT_DNS_CAPTURE = "bpfinit.io/dns-capture"
 BPFINIT_STATUS = "bpfinit.io/status"
 
@@ -171,6 +173,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     PROXY_CONFIG: check_proxy_config,
     BPFINIT_INJECT: check_boolean,
     BPFINIT_ACCELERATE: check_boolean,
+    BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK: check_boolean,
     BPFINIT_DNS_CAPTURE: check_boolean,
     BPFINIT_STATUS: check_status,
 }

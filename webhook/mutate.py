@@ -137,6 +137,13 @@ def _agent_args(istio_args: list[str], annotations: dict, egress_allow: Sequence
         args.append("--accelerate")
     elif accelerate == "false":
         args.append("--accelerate=false")
+    # Passed whatever the accelerate annotation says: acceleration may also come from BPFINIT_ACCELERATE in
+    # proxyMetadata, and without acceleration the agent ignores the waiver. "false" beats the env, as above.
+    skip_splice_check = annotations.get(ann.BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK)
+    if skip_splice_check == "true":
+        args.append("--accelerate-skip-splice-check")
+    elif skip_splice_check == "false":
+        args.append("--accelerate-skip-splice-check=false")
     dns = annotations.get(ann.BPFINIT_DNS_CAPTURE)
     if dns in ann.BOOLEAN_VALUES:
         args.append(f"--redirect-dns={dns}")

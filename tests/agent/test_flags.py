@@ -171,6 +171,35 @@ def test_own_flags_and_tproxy():
     assert parse(["-m", "TPROXY"], {}, supported=lambda c: ()).unsupported == ()
 
 
+def test_accelerate_skip_splice_check_flag_env_and_round_trip():
+    assert not parse(["--accelerate"], {}).accelerate_skip_splice_check            # off by default
+    cfg = parse(["--accelerate", "--accelerate-skip-splice-check"], {})
+    assert cfg.accelerate and cfg.accelerate_skip_splice_check
+    # the env alias keeps the historical BPFINIT_ACCEL_SKIP_SPLICE_CHECK=1 working, and "true" too
+    for value in ("1", "true"):
+        assert parse(["--accelerate"], {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": value}).accelerate_skip_splice_check
+    assert not parse(["--accelerate"], {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "0"}).accelerate_skip_splice_check
+    # CLI > env: an explicit false (the webhook's annotation "false") beats the env
+    env = {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1"}
+    assert not parse(["--accelerate-skip-splice-check=false"], env).accelerate_skip_splice_check
+    bad = parse([], {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "yes"})
+    assert not bad.accelerate_skip_splice_check and any("BPFINIT_ACCEL_SKIP_SPLICE_CHECK" in w for w in bad.warnings)
+    with pytest.raises(FlagError, match="accelerate-skip-splice-check"):
+        parse(["--accelerate-skip-splice-check=maybe"], {})
+    # round trip: the args the webhook appends parse back to the same config, and to_dict shows it
+    argv = TEMPLATE_ARGS[1:] + ["--accelerate", "--accelerate-skip-splice-check"]
+    assert parse(argv, {}) == parse(TEMPLATE_ARGS + ["--accelerate", "--accelerate-skip-splice-check=true"], {})
+    assert parse(argv, {}).to_dict()["accelerate_skip_splice_check"] is True
+
+
+def test_skip_splice_check_without_accelerate_is_harmless():
+    """Meaningless without --accelerate: accepted, no error, no warning, nothing unsupported (the agent only
+    looks at it inside the acceleration self-test, which does not run)."""
+    cfg = parse(["--accelerate-skip-splice-check"], {})
+    assert cfg.accelerate_skip_splice_check and not cfg.accelerate
+    assert (cfg.warnings, cfg.unsupported) == ((), ())
+
+
 def test_durations_and_to_dict():
     assert parse_go_duration("1m30s") == 90 and parse_go_duration("250ms") == 0.25 and parse_go_duration("0") == 0
     d = parse(["-i", "10.0.0.0/8", "--egress-allow", "10.0.0.0/8:1"], {}).to_dict()

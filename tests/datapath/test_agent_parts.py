@@ -33,27 +33,42 @@ def test_run_validation_fails_with_126_when_nothing_redirects():
         assert "validation failed" in res.stderr
 
 
+def setup_fresh_pod(extra_args: list[str], env: dict | None = None):
+    """The real `bpfinit-agent setup` with the template args + `extra_args` in a new pod; must succeed.
+    Returns (stdout, stdout + stderr)."""
+    with bpffs_mount() as bpffs, Pod("acc") as pod:
+        res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + extra_args, env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout, res.stdout + res.stderr
+
+
 @pytest.mark.kernel
 def test_accelerate_falls_back_and_says_so_when_splice_stalls():
     """On this machine's kernel, splice(2) does not see sk_msg-redirected data: the self-test catches it."""
-    with bpffs_mount() as bpffs, Pod("acc") as pod:
-        res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + ["--accelerate"])
-        assert res.returncode == 0, res.stderr
-        out = res.stdout + res.stderr
-        if "acceleration on" in out:          # a kernel without the splice problem
-            assert "received with splice(2)" in out
-        else:
-            assert "acceleration self-test failed" in out and "running without acceleration" in out, out
-            assert "splice(2) stalled" in out, out
+    _, out = setup_fresh_pod(["--accelerate"])
+    if "acceleration on" in out:          # a kernel without the splice problem
+        assert "received with splice(2)" in out
+    else:
+        assert "acceleration self-test failed" in out and "running without acceleration" in out, out
+        assert "splice(2) stalled" in out, out
 
 
 @pytest.mark.kernel
-def test_accelerate_with_splice_check_waived_turns_on():
-    with bpffs_mount() as bpffs, Pod("acc2") as pod:
-        res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + ["--accelerate"],
-                             {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1"})
-        assert res.returncode == 0, res.stderr
-        assert "acceleration on" in res.stdout and "NOT checked" in res.stdout, res.stdout + res.stderr
+@pytest.mark.parametrize("flags, env", [
+    (["--accelerate-skip-splice-check"], {}),                      # what bpfinit.io/accelerate-skip-splice-check becomes
+    ([], {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1"}),                 # the same waiver from the environment
+], ids=["flag", "env"])
+def test_accelerate_with_splice_check_waived_turns_on(flags, env):
+    stdout, out = setup_fresh_pod(["--accelerate", *flags], env)
+    assert "acceleration on" in stdout, out
+    assert "splice(2) NOT checked: waived by the operator" in stdout, out
+
+
+@pytest.mark.kernel
+def test_splice_check_waiver_without_accelerate_is_silent():
+    stdout, out = setup_fresh_pod(["--accelerate-skip-splice-check"])
+    assert "pod configured" in stdout, out
+    assert "splice" not in out and "accelerat" not in out, out
 
 
 def test_kernel_gate():

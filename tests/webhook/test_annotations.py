@@ -23,6 +23,8 @@ GOOD = [
     ("proxy.istio.io/config", '{"interceptionMode": "REDIRECT"}'),
     ("bpfinit.io/inject", "false"),
     ("bpfinit.io/accelerate", "true"),
+    ("bpfinit.io/accelerate-skip-splice-check", "true"),
+    ("bpfinit.io/accelerate-skip-splice-check", "false"),
     ("bpfinit.io/dns-capture", "false"),
     ("bpfinit.io/status", '{"version":1}'),
     ("unrelated/annotation", "anything at all"),
@@ -49,6 +51,9 @@ BAD = [
     ("proxy.istio.io/config", "a: [", "not valid YAML"),
     ("bpfinit.io/inject", "False", 'must be "true" or "false"'),
     ("bpfinit.io/dns-capture", "1", 'must be "true" or "false"'),
+    ("bpfinit.io/accelerate-skip-splice-check", "1", 'must be "true" or "false"'),
+    ("bpfinit.io/accelerate-skip-splice-check", "yes", 'must be "true" or "false"'),
+    ("bpfinit.io/accelerate-skip-splice-check", "", 'must be "true" or "false"'),
     ("bpfinit.io/status", "not json", "JSON record"),
 ]
 
