@@ -47,34 +47,54 @@ def lo_tx_bytes(pod) -> int:
     return int(pod.run(["cat", "/sys/class/net/lo/statistics/tx_bytes"], check=True).stdout)
 
 
-def run_two_pods(accelerate: bool, size: int):
+def start_sidecars(stack: contextlib.ExitStack, pods, ipv6: bool) -> list:
+    """HAProxy sidecars (each hop stamps the original destination it saw into X-Out-/X-In-Orig-Dst), or
+    for IPv6, which HAProxy cannot proxy transparently, pyproxy.py (it logs the original destinations)."""
+    if not ipv6:
+        config = sidecar_config(inbound_port=15006, http=True, stamp_headers=True)
+        for pod in pods:
+            stack.enter_context(HAProxy(pod, config))
+        return []
+    procs = []
+    for pod in pods:
+        proc = pod.popen([PY, str(HERE / "pyproxy.py")], uid=1337, gid=1337)
+        stack.callback(proc.kill)
+        wait_ready(proc)
+        procs.append(proc)
+    return procs
+
+
+def run_two_pods(accelerate: bool, size: int, ipv6: bool = False):
     with bpffs_mount() as bpffs, Cluster() as cluster:
         client, server = cluster.add_pod("cli"), cluster.add_pod("srv")
-        extra = ["--accelerate"] if accelerate else []
-        env = {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1"} if accelerate else {}
+        extra = (["--accelerate", "--accelerate-skip-splice-check"] if accelerate else []) + \
+            (["--dual-stack"] if ipv6 else [])
         logs = []
         for pod in (client, server):
-            res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + extra, env)
+            res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + extra)
             assert res.returncode == 0, res.stderr
             logs.append(res.stdout + res.stderr)
         app = server.popen([PY, str(HERE / "httpapp.py"), "--port", "8080"], uid=1000, gid=1000)
         wait_ready(app)
-        # each hop stamps the original destination it saw into a header (X-Out-/X-In-Orig-Dst)
-        config = sidecar_config(inbound_port=15006, http=True, stamp_headers=True)
-        with contextlib.ExitStack() as sidecars:
-            for pod in (client, server):
-                sidecars.enter_context(HAProxy(pod, config))
+        with contextlib.ExitStack() as stack:
+            proxies = start_sidecars(stack, (client, server), ipv6)
             lo_before = [lo_tx_bytes(pod) for pod in (client, server)]
-            res = client.run([PY, "-c", CLIENT, server.addr4, str(size)], uid=1000, gid=1000, timeout=60)
+            target = server.addr6 if ipv6 else server.addr4
+            res = client.run([PY, "-c", CLIENT, target, str(size)], uid=1000, gid=1000, timeout=60)
             assert res.returncode == 0, res.stderr
             lo_sent = [lo_tx_bytes(pod) - before for pod, before in zip((client, server), lo_before)]
-            return json.loads(res.stdout), server, logs, lo_sent
+            seen = []                                 # pyproxy: (listener, orig_dst) per accepted connection
+            for proc in proxies:
+                proc.kill()
+                seen.append([tuple(json.loads(line).values()) for line in proc.communicate()[0].splitlines()])
+            return json.loads(res.stdout), server, logs, lo_sent, seen
 
 
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("accelerate", [False, True], ids=["plain", "accelerated"])
-def test_client_app_to_server_app_through_both_sidecars(accelerate):
+def test_client_app_to_server_app_through_both_sidecars(accelerate, ipv6):
     size = 5 * 1024 * 1024
-    out, server, logs, lo_sent = run_two_pods(accelerate, size)
+    out, server, logs, lo_sent, seen = run_two_pods(accelerate, size, ipv6)
     if accelerate:
         assert all("acceleration on" in log for log in logs), logs
         # both app<->sidecar hops skip TCP: the 3 x 5 MiB responses never cross either pod's loopback
@@ -82,13 +102,20 @@ def test_client_app_to_server_app_through_both_sidecars(accelerate):
         assert max(lo_sent) < size // 4, lo_sent
     else:
         assert min(lo_sent) > 3 * size, lo_sent
+    # the server app saw the requests, through both sidecars, original destination kept at each hop
+    if ipv6:
+        # one keep-alive connection: the client sidecar (IP6T_SO_ORIGINAL_DST) and the server sidecar
+        # (sk_lookup) each saw it once, addressed to the server app
+        assert seen == [[("outbound", [server.addr6, 8080])], [("inbound", [server.addr6, 8080])]], seen
     for key in ("echo", "echo2"):
         echo = out[key]
-        headers = {k.lower(): v for k, v in echo["headers"].items()}
-        # the server app saw the request, through both sidecars, original destination kept at each hop
-        assert headers["x-out-orig-dst"] == f"{server.addr4}:8080"   # client sidecar (SO_ORIGINAL_DST)
-        assert headers["x-in-orig-dst"] == f"{server.addr4}:8080"    # server sidecar (sk_lookup)
-        assert echo["peer"][0] in ("127.0.0.6", "::ffff:127.0.0.6")        # from the inbound passthrough source
-        assert echo["local"][1] == 8080
+        if not ipv6:
+            headers = {k.lower(): v for k, v in echo["headers"].items()}
+            assert headers["x-out-orig-dst"] == f"{server.addr4}:8080"   # client sidecar (SO_ORIGINAL_DST)
+            assert headers["x-in-orig-dst"] == f"{server.addr4}:8080"    # server sidecar (sk_lookup)
+        # from the inbound passthrough source
+        assert echo["peer"][0] in (("::6",) if ipv6 else ("127.0.0.6", "::ffff:127.0.0.6"))
+        local = [server.addr6] if ipv6 else [server.addr4, f"::ffff:{server.addr4}"]   # the app listens dual-stack
+        assert echo["local"][0] in local and echo["local"][1] == 8080, echo
     for i in range(3):
         assert out[f"big{i}"] == [size, expected_digest(size)]
