@@ -19,10 +19,12 @@ static __always_inline int bi_is_passthrough(__u32 family, const __u32 *a)
 
 /* The key of one end: its own 4-tuple. An IPv4 connection on a dual-stack (AF_INET6) socket, as every
  * `bind :::port` app accepts, is keyed as IPv4, so it meets its AF_INET peer (the proxy) in the map. */
-static __always_inline int bi_sock_key_fill(struct bi_sock_key *key, __u32 family, __u32 lport, __u32 rport,
+static __always_inline int bi_sock_key_fill(struct bi_sock_key *key, __u64 netns_cookie, __u32 family,
+                                            __u32 lport, __u32 rport,
                                             __u32 l4, __u32 l0, __u32 l1, __u32 l2, __u32 l3,
                                             __u32 r4, __u32 r0, __u32 r1, __u32 r2, __u32 r3)
 {
+    key->netns_cookie = netns_cookie;
     key->lport = lport;
     key->rport = rport;
     if (family == AF_INET6 && l0 == 0 && l1 == 0 && l2 == bpf_htonl(0xffff) &&
@@ -63,7 +65,8 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
     __u32 l4 = skops->local_ip4, r4 = skops->remote_ip4;
     __u32 l0 = skops->local_ip6[0], l1 = skops->local_ip6[1], l2 = skops->local_ip6[2], l3 = skops->local_ip6[3];
     __u32 r0 = skops->remote_ip6[0], r1 = skops->remote_ip6[1], r2 = skops->remote_ip6[2], r3 = skops->remote_ip6[3];
-    if (bi_sock_key_fill(&key, skops->family, skops->local_port, bpf_ntohl(skops->remote_port),
+    if (bi_sock_key_fill(&key, bpf_get_netns_cookie(skops), skops->family, skops->local_port,
+                         bpf_ntohl(skops->remote_port),
                          l4, l0, l1, l2, l3, r4, r0, r1, r2, r3) < 0 || !bi_on_loopback(&key))
         return;
     __u32 p = cfg->proxy_port, z = cfg->inbound_capture_port;
@@ -86,8 +89,9 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
     __u32 l4 = msg->local_ip4, r4 = msg->remote_ip4;
     __u32 l0 = msg->local_ip6[0], l1 = msg->local_ip6[1], l2 = msg->local_ip6[2], l3 = msg->local_ip6[3];
     __u32 r0 = msg->remote_ip6[0], r1 = msg->remote_ip6[1], r2 = msg->remote_ip6[2], r3 = msg->remote_ip6[3];
-    /* the peer's key: its local end is our remote one */
-    if (bi_sock_key_fill(&peer, msg->family, bpf_ntohl(msg->remote_port), msg->local_port,
+    /* the peer's key: same netns (never another pod's socket), its local end is our remote one */
+    if (bi_sock_key_fill(&peer, bpf_get_netns_cookie(msg), msg->family, bpf_ntohl(msg->remote_port),
+                         msg->local_port,
                          r4, r0, r1, r2, r3, l4, l0, l1, l2, l3) == 0)
         bi_accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
     return SK_PASS;   /* redirected if the peer is in the map; otherwise the normal path, never a drop */

@@ -182,13 +182,17 @@ BPF_TABLE("lru_hash", __u64, struct bi_dns_orig, bi_dns_orig, 65536);
 /* ===== end inbound / DNS ===== */
 
 /* ===== acceleration (owner: inbound+DNS engineer) ===== */
-/* app<->proxy loopback sockets, keyed by their own 4-tuple (local end first). */
+/* app<->proxy loopback sockets, keyed by their netns and their own 4-tuple (local end first). The map
+ * is node-wide and every pod has its own port space, so two pods' loopback connections can share a
+ * 4-tuple: without the netns cookie one pod's bytes could be redirected into another pod's socket. */
 struct bi_sock_key {
+    __u64 netns_cookie;
     __u32 local[4];
     __u32 remote[4];
     __u32 lport;               /* host order */
     __u32 rport;               /* host order */
     __u32 family;
+    __u32 _pad;                /* explicit: keys are zero-initialised and hashed whole */
 };
 BPF_SOCKHASH(bi_accel_socks, struct bi_sock_key, 65536);
 /* ===== end acceleration ===== */

@@ -23,8 +23,8 @@ import sys
 import threading
 import time
 
-MIN_KERNEL = (5, 10)            # first LTS with sockhash + sk_msg redirect fixes we rely on
-SOCK_KEY_SIZE = 44              # struct bi_sock_key (maps.h)
+MIN_KERNEL = (5, 15)            # bpf_get_netns_cookie in sk_msg (the key's netns); sockhash + redirect fixes
+SOCK_KEY_SIZE = 56              # struct bi_sock_key (maps.h)
 SELFTEST_SIZES = (100, 4 * 1024 * 1024, 100)
 SELFTEST_DEADLINE_S = 5.0
 # Said in the "acceleration on" line whenever the operator waived the splice part: never silent.

@@ -54,6 +54,7 @@ PROG_MIN_KERNEL = {
 HELPER_MIN_KERNEL = {
     ("get_netns_cookie", "cgroup_sock_addr"): "5.7", ("get_netns_cookie", "cgroup_sock"): "5.7",
     ("get_netns_cookie", "sock_ops"): "5.15", ("get_netns_cookie", "cgroup_sockopt"): "5.15",
+    ("get_netns_cookie", "sk_msg"): "5.15",
     ("sk_assign", "sk_lookup"): "5.9", ("ringbuf_reserve", None): "5.8", ("ringbuf_submit", None): "5.8",
 }
 
@@ -70,7 +71,7 @@ HELPER_NEEDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("sk_lookup.c", "sk_lookup", ("sk_assign", "sk_release", "map_lookup_elem", EVENTS)),
     ("sk_lookup.c", "sock_ops", ("sock_hash_update", "map_lookup_elem", EVENTS)),   # registers listeners
     ("accel.c", "sock_ops", ("get_netns_cookie", "sock_hash_update", "map_lookup_elem", EVENTS)),
-    ("accel.c", "sk_msg", ("msg_redirect_hash",)),
+    ("accel.c", "sk_msg", ("get_netns_cookie", "msg_redirect_hash")),
     ("sock_create.c", "cgroup_sock", ("get_netns_cookie", "get_current_uid_gid", "map_lookup_elem", EVENTS)),
     ("getpeername.c", "cgroup_sock_addr", ("get_netns_cookie", "get_socket_cookie", "sk_storage_get", "map_lookup_elem")),
 )
