@@ -16,6 +16,7 @@ Both sidecars are in the path for F, B, C, D. Load: wrk keep-alive 16 connection
 request (Connection: close) 16 connections, and 1 connection (unloaded latency). Configs interleaved,
 --runs rounds (>= 4). Output: bench/results/datapath-<ts>.json and .png (matplotlib, `pip install .[bench]`).
 Run as root:  .venv/bin/python bench/datapath.py [--runs 4] [--duration 5]
+Pool earlier runs:  .venv/bin/python bench/datapath.py --merge bench/results/datapath-X.json bench/results/datapath-Y.json
 """
 from __future__ import annotations
 
@@ -262,6 +263,26 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+def merge(paths: list[str], out: Path) -> int:
+    """Pool the runs of several result files into one summary (more runs, tighter ratios)."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    modes = {r.get("proxy_mode", "http") for r in results}
+    if len(modes) != 1:
+        print(f"cannot pool different proxy modes: {sorted(modes)}", file=sys.stderr)
+        return 2
+    runs = [run for r in results for run in r["raw"]]
+    result = {"machine": results[-1]["machine"], "runs": len(runs), "duration_s": results[-1]["duration_s"],
+              "proxy_mode": modes.pop(), "merged_from": [Path(p).name for p in paths],
+              "started": min(r["started"] for r in results), "raw": runs}
+    result.update(summarize(runs))
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"datapath-merged-{stamp}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / f"datapath-merged-{stamp}.png")
+    print(json.dumps({"summary": result["summary"], "ratios": result["ratios"]}, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=4)
@@ -270,7 +291,11 @@ def main() -> int:
     ap.add_argument("--proxy-mode", choices=PROXY_MODES, default="tcp",
                     help="sidecars as TCP proxies (default, like Envoy's original-destination passthrough) or HTTP")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--merge", nargs="+", metavar="RESULT_JSON",
+                    help="measure nothing: pool the runs of earlier result files (same proxy mode) into one summary")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if os.geteuid() != 0:
         print("bench/datapath.py needs root (namespaces, bpf)", file=sys.stderr)
         return 2
