@@ -130,20 +130,17 @@ def _find_container(containers: list, name: str) -> int | None:
 
 def _agent_args(istio_args: list[str], annotations: dict, egress_allow: Sequence[str] | None) -> list[str]:
     args = list(istio_args[1:])  # drop the `istio-iptables` subcommand word
-    # An explicit CLI flag beats the env (CLI > env): `false` must also win over
-    # BPFINIT_ACCELERATE / ISTIO_META_DNS_CAPTURE coming from proxyMetadata.
-    accelerate = annotations.get(ann.BPFINIT_ACCELERATE)
-    if accelerate == "true":
-        args.append("--accelerate")
-    elif accelerate == "false":
-        args.append("--accelerate=false")
-    # Passed whatever the accelerate annotation says: acceleration may also come from BPFINIT_ACCELERATE in
-    # proxyMetadata, and without acceleration the agent ignores the waiver. "false" beats the env, as above.
-    skip_splice_check = annotations.get(ann.BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK)
-    if skip_splice_check == "true":
-        args.append("--accelerate-skip-splice-check")
-    elif skip_splice_check == "false":
-        args.append("--accelerate-skip-splice-check=false")
+    # An explicit CLI flag beats the env (CLI > env): `false` must also win over BPFINIT_ACCELERATE /
+    # BPFINIT_ACCEL_SKIP_SPLICE_CHECK / ISTIO_META_DNS_CAPTURE coming from proxyMetadata. The splice waiver
+    # is passed whatever the accelerate annotation says: acceleration may also come from proxyMetadata,
+    # and without acceleration the agent ignores it.
+    for annotation, flag in ((ann.BPFINIT_ACCELERATE, "--accelerate"),
+                             (ann.BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK, "--accelerate-skip-splice-check")):
+        value = annotations.get(annotation)
+        if value == "true":
+            args.append(flag)
+        elif value == "false":
+            args.append(f"{flag}=false")
     dns = annotations.get(ann.BPFINIT_DNS_CAPTURE)
     if dns in ann.BOOLEAN_VALUES:
         args.append(f"--redirect-dns={dns}")
