@@ -20,10 +20,7 @@ def read_counters(pins: obsmaps.ObsPins) -> list[dict]:
     """Every non-zero counter of one program generation: {pod_idx, direction, verdict, reason, count}."""
     rows = []
     with pins.open("obs_counters") as m:
-        for raw in m.keys(limit=m.max_entries + 1):
-            per_cpu = m.lookup(raw)
-            if per_cpu is None:       # deleted meanwhile
-                continue
+        for raw, per_cpu in m.items(limit=m.max_entries + 1):
             count = sum(int.from_bytes(v[:8], "little") for v in per_cpu)
             key = CounterKey.from_buffer_copy(raw)
             rows.append({

@@ -320,11 +320,10 @@ class _Identities:
             self.addrs_loaded_at[gen] = time.monotonic()
             m = self._addr_map(gen)
             if m is not None:
-                for key in m.keys(limit=m.max_entries + 1):
-                    val = m.lookup(key)
+                for key, val in m.items(limit=m.max_entries + 1):
                     fam = int.from_bytes(key[:4], "little")
                     addr = obsmaps.event_address(key[4:], fam)
-                    if val is None or ipaddress.ip_address(addr).is_loopback:
+                    if ipaddress.ip_address(addr).is_loopback:
                         continue
                     cache.setdefault((int.from_bytes(val[0][8:12], "little"), fam), addr)
         return cache.get((pod_idx, family))

@@ -167,6 +167,22 @@ class PinnedMap(bpfsys.Fd):
         except bpfsys.BpfError as err:
             raise self._failed("delete", err) from None
 
+    def items(self, limit: int = 1_000_000) -> list[tuple[bytes, list[bytes]]]:
+        """All (key, value per CPU) pairs: batched (a few syscalls for the whole map) where the kernel
+        can, else key by key. Entries deleted meanwhile are left out."""
+        size = self._slot * self.ncpu
+        try:
+            pairs = bpfsys.map_items_batch(self.fd, self.key_size, size, limit)
+        except bpfsys.BpfError:
+            pairs = []
+            for key in self.keys(limit):
+                found = self.lookup(key)
+                if found is not None:
+                    pairs.append((key, found))
+            return pairs
+        return [(key, [raw[i * self._slot:i * self._slot + self.value_size] for i in range(self.ncpu)])
+                for key, raw in pairs]
+
     def keys(self, limit: int = 1_000_000) -> list[bytes]:
         """All keys (bounded); for arrays, 0..max_entries-1."""
         try:
