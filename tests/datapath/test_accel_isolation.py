@@ -3,6 +3,7 @@ the same 4-tuple (each netns has its own port space). A socket must only ever be
 in its own pod, never to a socket of another pod with the same addresses and ports."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -43,7 +44,7 @@ for line in sys.stdin:
 
 class Pair:
     def __init__(self, pod):
-        self.proc = pod.popen([PY, "-c", PAIR], uid=1337, gid=1337, stdin=__import__("subprocess").PIPE)
+        self.proc = pod.popen([PY, "-c", PAIR], uid=1337, gid=1337, stdin=subprocess.PIPE)
         assert self.proc.stdout.readline().strip() == "READY", self.proc.stderr.read()
 
     def __call__(self, command: str) -> str:
