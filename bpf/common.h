@@ -82,6 +82,26 @@ static __always_inline int owner_group_bypass(const struct pod_cfg *cfg, __u32 g
  * IPv6 proper, 0 for IPv4, including IPv4 through an AF_INET6 socket (then *mapped = 1): the iptables
  * rules, not the ip6tables ones, apply to it. `hook6` must be a constant: the verifier rejects any
  * access to user_ip6 in a *4 hook (and user_ip4 in a *6 hook), even on a dead path. */
+/* Remember where a socket we redirect was going (orig_by_sock): getpeername.c shows it to the app,
+ * sockops.c publishes it for the proxy's SO_ORIGINAL_DST. `kind` is ORIG_* (maps.h). */
+static __always_inline void remember_orig_dst(struct bpf_sock *sk, int v6, const __u32 *dst, __u16 port_be,
+                                              __u16 kind, __u32 pod_idx)
+{
+    if (!sk)
+        return;
+    struct orig_dst *od = orig_by_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!od)
+        return;
+    od->family = v6 ? AF_INET6 : AF_INET;
+    od->addr_be[0] = dst[0];
+    od->addr_be[1] = dst[1];
+    od->addr_be[2] = dst[2];
+    od->addr_be[3] = dst[3];
+    od->port_be = port_be;
+    od->redirected = kind;
+    od->pod_idx = pod_idx;
+}
+
 static __always_inline int sock_addr_dst(struct bpf_sock_addr *ctx, const int hook6, __u32 *dst, int *mapped)
 {
     *mapped = 0;

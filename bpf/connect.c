@@ -158,24 +158,6 @@ static __always_inline int uncaptured_allowed(const struct pod_cfg *cfg, const s
     return is_proxy_identity(cfg->pod_idx, r->uid, r->gid) || egress_permitted(cfg, r->v6, r->dst, r->dport);
 }
 
-static __always_inline void remember_orig(struct bpf_sock *sk, const struct pod_cfg *cfg,
-                                          const struct out_req *r, __u16 port_be, int act)
-{
-    if (!sk)
-        return;
-    struct orig_dst *od = orig_by_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    if (!od)
-        return;
-    od->family = r->v6 ? AF_INET6 : AF_INET;
-    od->addr_be[0] = r->dst[0];
-    od->addr_be[1] = r->dst[1];
-    od->addr_be[2] = r->dst[2];
-    od->addr_be[3] = r->dst[3];
-    od->port_be = port_be;
-    od->redirected = act == ACT_HAIRPIN ? 2 : 1;
-    od->pod_idx = cfg->pod_idx;
-}
-
 static __always_inline void fill_ids(struct out_req *r)
 {
     __u64 ug = bpf_get_current_uid_gid();
@@ -256,7 +238,7 @@ static __always_inline int apply_decision(struct bpf_sock_addr *ctx, struct bpf_
             emit(ctx, cookie, cfg, r, VERDICT_BYPASSED, reason, act, IPPROTO_TCP_NUM);
         return 1;
     }
-    remember_orig(sk, cfg, r, port_be, act);
+    remember_orig_dst(sk, r->v6, r->dst, port_be, act == ACT_HAIRPIN ? ORIG_HAIRPIN : ORIG_OUTBOUND, cfg->pod_idx);
     sock_addr_to_loopback(ctx, is6, mapped, act == ACT_HAIRPIN ? cfg->inbound_capture_port : cfg->proxy_port);
     emit(ctx, cookie, cfg, r, VERDICT_REDIRECTED, reason, act, IPPROTO_TCP_NUM);
     return 1;

@@ -115,6 +115,7 @@ static __always_inline int bi_udp_sendmsg(struct bpf_sock_addr *ctx, const int h
  * socket to the DNS proxy. */
 static __always_inline int bi_dns_connect(struct bpf_sock_addr *ctx, const int hook6)
 {
+    struct bpf_sock *sk = ctx->sk;   /* one load: see connect.c */
     if (ctx->user_port != bpf_htons(53))
         return 0;
     __u64 ns = bpf_get_netns_cookie(ctx);
@@ -126,6 +127,8 @@ static __always_inline int bi_dns_connect(struct bpf_sock_addr *ctx, const int h
     int v6 = sock_addr_dst(ctx, hook6, dst, &mapped);
     if (!bi_dns_server_match(cfg, v6, dst))
         return 0;
+    /* a connected socket: getpeername() shows the server (and the DNS proxy may ask SO_ORIGINAL_DST) */
+    remember_orig_dst(sk, v6, dst, bpf_htons(53), ORIG_DNS, cfg->pod_idx);
     bi_dns_redirect(ctx, cfg, v6, mapped, dst, hook6);
     return 1;
 }

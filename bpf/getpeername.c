@@ -9,8 +9,8 @@
  * The answer is rewritten only while the socket's real peer is still the redirect target: a socket
  * whose redirected connect failed and which then connected elsewhere keeps its stale entry, and must
  * see its true peer. Sockets without an entry (everything not redirected, the proxy's own sockets,
- * its accepted sockets: sk storage is not cloned on accept) return at once. DNS sent to the DNS proxy
- * over TCP (or connected UDP) shows its server too, from dns.c's per-socket record. */
+ * its accepted sockets: sk storage is not cloned on accept) return at once. DNS that dns.c sent to the
+ * DNS proxy over TCP (or connected UDP) shows its server too (ORIG_DNS). */
 
 /* Is this the loopback address connect.c redirected to (127.0.0.1, ::1, ::ffff:127.0.0.1)? */
 static __always_inline int gp_peer_is_redirect_target(const int hook6, const __u32 *peer)
@@ -64,22 +64,16 @@ static __always_inline int getpeername_hook(struct bpf_sock_addr *ctx, const int
     if (!gp_peer_is_redirect_target(hook6, peer))
         return 1;   /* most calls: a real peer, nothing of ours */
     struct orig_dst *od = orig_by_sock.sk_storage_get(sk, 0, 0);
-    if (od && od->redirected) {
-        __u64 cookie = bpf_get_netns_cookie(ctx);
-        struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
-        if (!cfg || cfg->pod_idx != od->pod_idx)
-            return 1;
-        __u16 target = od->redirected == 2 ? cfg->inbound_capture_port : cfg->proxy_port;
-        if ((__u16)ctx->user_port == bpf_htons(target)) {
-            gp_write_peer(ctx, hook6, od->family, od->addr_be, od->port_be);
-            return 1;
-        }
-    }
-    /* A TCP (or connected UDP) DNS socket that dns.c sent to the DNS proxy: the server it addressed. */
-    __u64 sock_cookie = bpf_get_socket_cookie(ctx);
-    struct bi_dns_orig *o = bi_dns_orig.lookup(&sock_cookie);
-    if (o && (__u16)ctx->user_port == o->via_port)
-        gp_write_peer(ctx, hook6, o->family, o->addr, o->port);
+    if (!od || !od->redirected)
+        return 1;
+    __u64 cookie = bpf_get_netns_cookie(ctx);
+    struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
+    if (!cfg || cfg->pod_idx != od->pod_idx)
+        return 1;
+    __u16 target = od->redirected == ORIG_HAIRPIN ? cfg->inbound_capture_port :
+                   od->redirected == ORIG_DNS ? cfg->dns_port : cfg->proxy_port;
+    if ((__u16)ctx->user_port == bpf_htons(target))
+        gp_write_peer(ctx, hook6, od->family, od->addr_be, od->port_be);
     return 1;
 }
 

@@ -96,12 +96,16 @@ struct port_key {
 };
 BPF_F_TABLE("lpm_trie", struct port_key, __u32, egress_ports, 1048576, BPF_F_NO_PREALLOC);
 
-/* Original destination of a redirected socket (set in connect4/6). */
+/* Original destination of a redirected socket (set in connect4/6, and by dns.c for TCP/connected-UDP DNS). */
+#define ORIG_OUTBOUND 1      /* to <-p> */
+#define ORIG_HAIRPIN  2      /* the proxy's own hairpin to <-z> */
+#define ORIG_INBOUND  3      /* sk_lookup-steered (only in getsockopt's answer, never stored) */
+#define ORIG_DNS      4      /* to the DNS proxy */
 struct orig_dst {
     __u32 family;        /* AF_INET / AF_INET6 */
     __u32 addr_be[4];    /* v4 in [0] */
     __u16 port_be;
-    __u16 redirected;    /* 1 = outbound (-p), 2 = hairpin (-z) */
+    __u16 redirected;    /* ORIG_* (0: not redirected) */
     __u32 pod_idx;
 };
 BPF_SK_STORAGE(orig_by_sock, struct orig_dst);

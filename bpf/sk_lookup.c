@@ -216,7 +216,7 @@ static __always_inline int bi_inbound_orig_dst(struct bpf_sockopt *ctx, const st
     out->addr_be[2] = k->local_be[2];
     out->addr_be[3] = k->local_be[3];
     out->port_be = bpf_htons(k->local_port);
-    out->redirected = 3;
+    out->redirected = ORIG_INBOUND;
     out->pod_idx = cfg->pod_idx;
     return 1;
 }

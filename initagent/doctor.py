@@ -73,7 +73,7 @@ HELPER_NEEDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("accel.c", "sock_ops", ("get_netns_cookie", "sock_hash_update", "map_lookup_elem", EVENTS)),
     ("accel.c", "sk_msg", ("get_netns_cookie", "msg_redirect_hash")),
     ("sock_create.c", "cgroup_sock", ("get_netns_cookie", "get_current_uid_gid", "map_lookup_elem", EVENTS)),
-    ("getpeername.c", "cgroup_sock_addr", ("get_netns_cookie", "get_socket_cookie", "sk_storage_get", "map_lookup_elem")),
+    ("getpeername.c", "cgroup_sock_addr", ("get_netns_cookie", "sk_storage_get", "map_lookup_elem")),
 )
 
 # Map types bpf/maps.h declares (one compile unit: every one of them must exist). The event buffer
