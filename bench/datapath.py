@@ -150,8 +150,10 @@ def lo_tx_bytes(pod) -> int:
     return int(pod.run(["cat", "/sys/class/net/lo/statistics/tx_bytes"], check=True).stdout)
 
 
-def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp") -> dict:
-    results = {}
+@contextlib.contextmanager
+def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp"):
+    """The client and server pods of `config`, app and sidecars running and checked with one request.
+    Yields (client, server, sidecars, url)."""
     with Cluster() as cluster, contextlib.ExitStack() as proxies:
         client, server = cluster.add_pod("bcl"), cluster.add_pod("bsv")
         server.popen(["true"]).wait()
@@ -163,10 +165,9 @@ def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp
                                    input=ISTIO_RULES, text=True, capture_output=True, timeout=30)
                 assert r.returncode == 0, r.stderr
         if config in ("C_bpfinit", "D_bpfinit_accel"):
-            extra = ["--accelerate"] if config == "D_bpfinit_accel" else []
-            env = {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1"} if extra else {}
+            extra = ["--accelerate", "--accelerate-skip-splice-check"] if config == "D_bpfinit_accel" else []
             for pod in (client, server):
-                r = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + extra, env)
+                r = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + extra)
                 assert r.returncode == 0, r.stderr
                 if extra:
                     assert "acceleration on" in r.stdout, r.stdout + r.stderr
@@ -177,6 +178,12 @@ def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp
         url = "http://127.0.0.1:15001/" if config == "F_floor" else f"http://{server.addr4}:8080/"
         check = client.run(["wrk", "-t1", "-c1", "-d1s", url], uid=1000, gid=1000, timeout=30)
         assert parse_wrk(check.stdout)["requests"] > 0, check.stdout + check.stderr
+        yield client, server, sidecars, url
+
+
+def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp") -> dict:
+    results = {}
+    with two_pods(config, bpffs, proxy_mode) as (client, server, sidecars, url):
         for mode, args in MODES.items():
             time.sleep(1.0)
             load = Path("/proc/loadavg").read_text().split()[:3]
