@@ -15,6 +15,7 @@ BENCHMARKS = [
     ("agent setup time (cold/warm)", ["setup_time.py"]),
     ("connect cost vs exclusion CIDRs", ["cidr_scale.py"]),
     ("datapath: no mesh / floor / iptables / bpfinit / accel", ["datapath.py"]),
+    ("kernel cost of the programs per proxied request", ["bpf_cost.py"]),
     ("cost of decision events", ["events_overhead.py", "--json", str(HERE / "results" / "events_overhead.json")]),
 ]
 
