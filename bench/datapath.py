@@ -145,11 +145,6 @@ def parse_wrk(out: str) -> dict:
     return res
 
 
-def lo_tx_bytes(pod) -> int:
-    """Bytes the pod sent over its loopback: the app<->sidecar hops, unless sk_msg accelerates them."""
-    return int(pod.run(["cat", "/sys/class/net/lo/statistics/tx_bytes"], check=True).stdout)
-
-
 @contextlib.contextmanager
 def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp"):
     """The client and server pods of `config`, app and sidecars running and checked with one request.
@@ -188,12 +183,12 @@ def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp
             time.sleep(1.0)
             load = Path("/proc/loadavg").read_text().split()[:3]
             pids = [p.pid for p in sidecars]
-            lo0 = [lo_tx_bytes(pod) for pod in (client, server)]
+            lo0 = [pod.lo_tx_bytes() for pod in (client, server)]
             t0, h0, p0 = time.monotonic(), host_busy_us(), proc_cpu_us(pids)
             out = client.run(["wrk", *args, f"-d{duration:g}s", "--latency", url], uid=1000, gid=1000,
                              timeout=duration + 30)
             t1, h1, p1 = time.monotonic(), host_busy_us(), proc_cpu_us(pids)
-            lo1 = [lo_tx_bytes(pod) for pod in (client, server)]
+            lo1 = [pod.lo_tx_bytes() for pod in (client, server)]
             r = parse_wrk(out.stdout)
             n = max(1, r["requests"])
             r.update(host_cpu_us_per_req=(h1 - h0) / n, proxy_cpu_us_per_req=(p1 - p0) / n if pids else 0.0,

@@ -106,6 +106,10 @@ class _Netns:
         self._procs.append(proc)
         return proc
 
+    def lo_tx_bytes(self) -> int:
+        """Bytes sent over this pod's loopback (the app<->sidecar hops travel there unless accelerated)."""
+        return int(self.run(["cat", "/sys/class/net/lo/statistics/tx_bytes"], check=True).stdout)
+
     def run(self, cmd: list[str], uid: int | None = None, gid: int | None = None,
             groups: list[int] | None = None, timeout: float = 30, check: bool = False,
             **kw) -> subprocess.CompletedProcess:

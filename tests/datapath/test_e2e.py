@@ -42,11 +42,6 @@ def wait_ready(proc):
     assert line == "READY", proc.stderr.read()
 
 
-def lo_tx_bytes(pod) -> int:
-    """Bytes sent over the pod's loopback: the app<->sidecar hops travel there unless accelerated."""
-    return int(pod.run(["cat", "/sys/class/net/lo/statistics/tx_bytes"], check=True).stdout)
-
-
 def start_sidecars(stack: contextlib.ExitStack, pods, ipv6: bool) -> list:
     """HAProxy sidecars (each hop stamps the original destination it saw into X-Out-/X-In-Orig-Dst), or
     for IPv6, which HAProxy cannot proxy transparently, pyproxy.py (it logs the original destinations)."""
@@ -78,11 +73,11 @@ def run_two_pods(accelerate: bool, size: int, ipv6: bool = False):
         wait_ready(app)
         with contextlib.ExitStack() as stack:
             proxies = start_sidecars(stack, (client, server), ipv6)
-            lo_before = [lo_tx_bytes(pod) for pod in (client, server)]
+            lo_before = [pod.lo_tx_bytes() for pod in (client, server)]
             target = server.addr6 if ipv6 else server.addr4
             res = client.run([PY, "-c", CLIENT, target, str(size)], uid=1000, gid=1000, timeout=60)
             assert res.returncode == 0, res.stderr
-            lo_sent = [lo_tx_bytes(pod) - before for pod, before in zip((client, server), lo_before)]
+            lo_sent = [pod.lo_tx_bytes() - before for pod, before in zip((client, server), lo_before)]
             seen = []                                 # pyproxy: (listener, orig_dst) per accepted connection
             for proc in proxies:
                 proc.kill()
