@@ -276,11 +276,16 @@ def merge(paths: list[str], out: Path) -> int:
     result = {"machine": results[-1]["machine"], "runs": len(runs), "duration_s": results[-1]["duration_s"],
               "proxy_mode": modes.pop(), "merged_from": [Path(p).name for p in paths],
               "started": min(r["started"] for r in results), "raw": runs}
-    result.update(summarize(runs))
+    return write_result(result, out, "datapath-merged")
+
+
+def write_result(result: dict, out: Path, prefix: str) -> int:
+    """Summarise result["raw"], write <prefix>-<time>.json and .png under `out`, print the summary."""
+    result.update(summarize(result["raw"]))
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"datapath-merged-{stamp}.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / f"datapath-merged-{stamp}.png")
+    (out / f"{prefix}-{stamp}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / f"{prefix}-{stamp}.png")
     print(json.dumps({"summary": result["summary"], "ratios": result["ratios"]}, indent=1))
     return 0
 
@@ -321,14 +326,7 @@ def main() -> int:
                           "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
               "runs": args.runs, "duration_s": args.duration, "proxy_mode": args.proxy_mode,
               "started": started, "raw": runs}
-    result.update(summarize(runs))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"datapath-{stamp}.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / f"datapath-{stamp}.png")
-    print(json.dumps({"summary": result["summary"], "ratios": result["ratios"]}, indent=1))
-    return 0
+    return write_result(result, Path(args.out), "datapath")
 
 
 if __name__ == "__main__":
