@@ -14,9 +14,11 @@ import copy
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import jsonpatch
+
+from tests.jsonhttp import JsonHandler
 
 TOKEN = "stub-token-not-a-secret"
 SECRETS = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets(?:/([^/?]+))?$")
@@ -38,17 +40,7 @@ class KubeStub:
         self._rv = 100
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):   # keep pytest output clean
-                pass
-
-            def _send(self, code: int, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JsonHandler):
 
             def _body(self):
                 length = int(self.headers.get("Content-Length") or 0)
@@ -60,12 +52,12 @@ class KubeStub:
                     stub.requests.append((method, path))
                     injected = stub.fail_next.pop(0) if stub.fail_next else None
                 if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-                    return self._send(401, _status(401, "Unauthorized", "bad token"))
+                    return self.send_json(401, _status(401, "Unauthorized", "bad token"))
                 if injected:
-                    return self._send(injected, _status(injected, "InternalError", "injected failure"))
+                    return self.send_json(injected, _status(injected, "InternalError", "injected failure"))
                 body = self._body() if method in ("POST", "PUT", "PATCH") else None
                 code, answer = stub.dispatch(method, path, body, self.headers.get("Content-Type", ""))
-                return self._send(code, answer)
+                return self.send_json(code, answer)
 
             def do_GET(self):
                 self._handle("GET")

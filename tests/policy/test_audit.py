@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import yaml
 
+from tests.jsonhttp import JsonHandler
 from tests.webhook.conftest import WEBHOOK_BIN
 from webhook.audit import audit, objects_from_cluster, objects_from_text
 from webhook.policy import parse_policy_documents
@@ -103,21 +104,13 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-class _FakeApiserver(BaseHTTPRequestHandler):
+class _FakeApiserver(JsonHandler):
     """List endpoints only (there is no kube-apiserver binary on this machine)."""
     lists: dict = {}
 
     def do_GET(self):  # noqa: N802
         path = self.path.split("?")[0]
-        body = json.dumps(self.lists.get(path, {"apiVersion": "v1", "kind": "List", "items": []})).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(200, self.lists.get(path, {"apiVersion": "v1", "kind": "List", "items": []}))
 
 
 def test_cluster_listing_with_the_kubernetes_client():

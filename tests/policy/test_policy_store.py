@@ -5,12 +5,13 @@ import json
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.jsonhttp import JsonHandler
 from webhook.policy import PolicyError, PolicyStore
 
 from .corpus import policy_doc, settings_doc
@@ -178,7 +179,7 @@ def test_crd_policy_overrides_a_file_policy_of_the_same_name(tmp_path):
     assert allow(store) == ["10.0.0.0/8"]
 
 
-class _FakeApiserver(BaseHTTPRequestHandler):
+class _FakeApiserver(JsonHandler):
     """Just enough of kube-apiserver's list/watch for one custom resource (no apiserver binary here)."""
     objects: list = []
     events: list = []
@@ -195,14 +196,7 @@ class _FakeApiserver(BaseHTTPRequestHandler):
         else:
             body = json.dumps({"apiVersion": "bpfinit.io/v1alpha1", "kind": "EgressBypassPolicyList",
                                "metadata": {"resourceVersion": "7"}, "items": self.objects}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(200, body)
 
 
 def test_crd_watch_with_the_kubernetes_client():
