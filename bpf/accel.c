@@ -59,6 +59,10 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
 {
     if (!(cfg->flags & CFG_ACCELERATE))
         return;
+    /* Bytes already went by TCP (TCP Fast Open data in the SYN): redirecting the later ones would let
+     * them overtake those, so this connection stays on TCP (its peer's sk_msg then misses, see below). */
+    if (skops->data_segs_out || skops->data_segs_in)
+        return;
     struct bi_sock_key key = {};
     /* Unconditional loads: an if/else makes clang load through a selected ctx pointer, which the
      * verifier rejects. Ports: local in host order, remote in network order in the high 16 bits. */
@@ -85,6 +89,12 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
 
 int bpfinit_sk_msg(struct sk_msg_md *msg)
 {
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_PASS;
+    struct bi_accel_state *st = bi_accel_tcp_path.sk_storage_get(sk, 0, 0);
+    if (st && st->tcp_sent)
+        return SK_PASS;        /* some bytes went by TCP: keep the order, stay on TCP */
     struct bi_sock_key peer = {};
     __u32 l4 = msg->local_ip4, r4 = msg->remote_ip4;
     __u32 l0 = msg->local_ip6[0], l1 = msg->local_ip6[1], l2 = msg->local_ip6[2], l3 = msg->local_ip6[3];
@@ -92,9 +102,15 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
     /* the peer's key: same netns (never another pod's socket), its local end is our remote one */
     if (bi_sock_key_fill(&peer, bpf_get_netns_cookie(msg), msg->family, bpf_ntohl(msg->remote_port),
                          msg->local_port,
-                         r4, r0, r1, r2, r3, l4, l0, l1, l2, l3) == 0)
-        bi_accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
-    return SK_PASS;   /* redirected if the peer is in the map; otherwise the normal path, never a drop */
+                         r4, r0, r1, r2, r3, l4, l0, l1, l2, l3) == 0 &&
+        bi_accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS)
+        return SK_PASS;   /* redirected into the peer's receive queue */
+    /* A miss (the peer's PASSIVE_ESTABLISHED has not run yet, e.g. behind TCP_DEFER_ACCEPT, or it is gone):
+     * this message takes the normal path, never a drop, and so does every later one. */
+    st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (st)
+        st->tcp_sent = 1;
+    return SK_PASS;
 }
 
 /* sockops.c calls this first for every callback (BPFINIT_SOCKOPS_HOOK): the inbound listener

@@ -199,6 +199,13 @@ struct bi_sock_key {
     __u32 _pad;                /* explicit: keys are zero-initialised and hashed whole */
 };
 BPF_SOCKHASH(bi_accel_socks, struct bi_sock_key, 65536);
+/* Set on a socket once sk_msg let one of its messages take the TCP path (its peer was not in the map
+ * yet). From then on it never redirects: bytes redirected later would land in the peer's psock queue,
+ * which the reader drains before its TCP receive queue, so they would overtake the earlier ones. */
+struct bi_accel_state {
+    __u32 tcp_sent;
+};
+BPF_SK_STORAGE(bi_accel_tcp_path, struct bi_accel_state);
 /* ===== end acceleration ===== */
 
 /* ===== observability (owner: observability engineer; types and the record() helper: events.h) =====

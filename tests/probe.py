@@ -1,12 +1,14 @@
 """Probe client and server used by the kernel tests; run as a script inside a pod or the cluster netns.
 
-Server: `probe.py serve --name NAME --bind ADDR --port P [--count N] [--timeout S]`
+Server: `probe.py serve --name NAME --bind ADDR --port P [--count N] [--timeout S] [--fastopen]`
   Accepts TCP connections and answers each with one JSON line:
   {"server": NAME, "local": [ip, port], "remote": [ip, port], "orig_dst": [ip, port] | null}
   where orig_dst is what getsockopt(SO_ORIGINAL_DST) returns on the accepted socket (conntrack or bpfinit).
   Prints "READY" on stdout once listening.
 
-Client: `probe.py connect HOST PORT [--src ADDR] [--timeout S]`
+Client: `probe.py connect HOST PORT [--src ADDR] [--timeout S] [--fastopen]`
+  --fastopen: TCP Fast Open (server: TCP_FASTOPEN on the listener; client: sendto(MSG_FASTOPEN) of one
+  line instead of connect, so the SYN carries data). The netns needs net.ipv4.tcp_fastopen to allow it.
   Prints one JSON line: {"outcome": "ok", "reply": {...server line...}} or
   {"outcome": "refused"|"timeout"|"eperm"|"unreachable"|"error", "errno": N, "detail": "..."}
 """
@@ -50,10 +52,12 @@ def _addr(pair) -> list:
     return [host, pair[1]]
 
 
-def serve(name: str, bind: str, port: int, count: int, timeout: float) -> int:
+def serve(name: str, bind: str, port: int, count: int, timeout: float, fastopen: bool = False) -> int:
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     srv = socket.socket(family, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if fastopen:
+        srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 64)
     if family == socket.AF_INET6 and bind == "::":
         srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     srv.bind((bind, port))
@@ -81,14 +85,17 @@ _OUTCOMES = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout", errno.EP
              errno.EACCES: "eperm", errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable"}
 
 
-def connect(host: str, port: int, src: str | None, timeout: float) -> dict:
+def connect(host: str, port: int, src: str | None, timeout: float, fastopen: bool = False) -> dict:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         if src:
             sock.bind((src, 0))
-        sock.connect((host, port))
+        if fastopen:
+            sock.sendto(b"hello over fast open\n", socket.MSG_FASTOPEN, (host, port))
+        else:
+            sock.connect((host, port))
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(4096)
@@ -115,15 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--count", type=int, default=1_000_000)
     s.add_argument("--timeout", type=float, default=120.0)
+    s.add_argument("--fastopen", action="store_true")
     c = sub.add_parser("connect")
     c.add_argument("host")
     c.add_argument("port", type=int)
     c.add_argument("--src")
     c.add_argument("--timeout", type=float, default=2.0)
+    c.add_argument("--fastopen", action="store_true")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
-        return serve(args.name, args.bind, args.port, args.count, args.timeout)
-    print(json.dumps(connect(args.host, args.port, args.src, args.timeout)), flush=True)
+        return serve(args.name, args.bind, args.port, args.count, args.timeout, args.fastopen)
+    print(json.dumps(connect(args.host, args.port, args.src, args.timeout, args.fastopen)), flush=True)
     return 0
 
 
