@@ -6,8 +6,14 @@ splice() interactions; ebpf-landscape.md §4). So it is switched on for a pod on
   2. a start-up self-test in the pod itself passes: app<->proxy-port loopback connection, keep-alive
      (several exchanges on one connection), a response of several MB, and the receiver reading it
      with splice(2), all byte-exact and within a deadline, with both sockets really in the sockhash.
-The splice(2) part alone can be waived by the operator (--accelerate-skip-splice-check), for workloads
-that never splice(); the log line then says splice was NOT checked.
+  3. backpressure holds: a second accelerated connection whose receiver does not read must stop taking
+     bytes, as TCP does at its socket buffers. sk_msg's ingress path charges only the global TCP memory
+     limit, not the receiver's buffer, on some kernels (this machine's 6.18): an app could then queue
+     unbounded kernel memory in its proxy's socket, and the proxy's own flow control (Envoy stops reading
+     a downstream whose upstream is slow) would no longer hold.
+The splice(2) part (--accelerate-skip-splice-check) and the backpressure part
+(--accelerate-skip-backpressure-check) can each be waived by the operator; the log line then says what was
+NOT checked.
 Otherwise the pod is re-configured without acceleration and the agent says so (it never fails the pod
 for it). The sk_msg program is attached to the pinned sockhash, so it outlives the agent.
 """
@@ -22,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 MIN_KERNEL = (5, 15)            # bpf_get_netns_cookie in sk_msg (the key's netns); sockhash + redirect fixes
 SOCK_KEY_SIZE = 56              # struct bi_sock_key (maps.h)
@@ -30,6 +37,10 @@ SELFTEST_DEADLINE_S = 5.0
 # Said in the "acceleration on" line whenever the operator waived the splice part: never silent.
 SPLICE_WAIVED = ("splice(2) NOT checked: waived by the operator (--accelerate-skip-splice-check / "
                  "BPFINIT_ACCEL_SKIP_SPLICE_CHECK / bpfinit.io/accelerate-skip-splice-check)")
+BACKPRESSURE_WAIVED = ("backpressure NOT checked: waived by the operator (--accelerate-skip-backpressure-check / "
+                       "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK / bpfinit.io/accelerate-skip-backpressure-check)")
+BACKPRESSURE_MIN_LIMIT = 64 << 20   # what a receiver that does not read may be sent before the check fails
+BACKPRESSURE_CHUNK = 64 << 10
 
 
 def kernel_gate(release: str | None = None) -> tuple[bool, str]:
@@ -91,18 +102,80 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, use_splice: bool) 
     return b"".join(chunks)
 
 
-def self_test(port: int, count_socks=None, deadline_s: float = SELFTEST_DEADLINE_S,
-              check_splice: bool = True) -> tuple[bool, str]:
-    """Loopback client -> 127.0.0.1:<port> in this netns/cgroup; see module doc. (ok, detail)."""
-    deadline = time.monotonic() + deadline_s
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def _tcp_buffer_max(name: str) -> int:
+    """Largest buffer autotuning may give one TCP socket in this netns (tcp_rmem / tcp_wmem max)."""
     try:
-        srv.bind(("127.0.0.1", port))
-    except OSError as err:
-        srv.close()
-        return False, f"cannot listen on 127.0.0.1:{port} for the self-test ({err.strerror})"
-    srv.listen(1)
+        return int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 6 << 20
+
+
+def tcp_queue_max() -> int:
+    """What TCP lets one connection hold for a receiver that does not read: sender's plus receiver's buffer."""
+    return _tcp_buffer_max("tcp_wmem") + _tcp_buffer_max("tcp_rmem")
+
+
+def backpressure_limit() -> int:
+    """Bytes a non-reading receiver may be sent before we call it unbounded: twice what TCP allows, and
+    never below 64 MiB."""
+    return max(BACKPRESSURE_MIN_LIMIT, 2 * tcp_queue_max())
+
+
+def backpressure_holds(srv: socket.socket, port: int, deadline: float, in_map=None) -> tuple[bool, str]:
+    """Non-blocking writes to an accelerated peer that never reads must hit EAGAIN before the limit.
+    The peer is accept()ed first: the kernel has then run its PASSIVE_ESTABLISHED (it is in the sockhash),
+    so the very first write is redirected, not sent by TCP."""
+    limit = backpressure_limit()
+    with socket.create_connection(("127.0.0.1", port), timeout=max(0.1, deadline - time.monotonic())) as cli:
+        srv.settimeout(max(0.1, deadline - time.monotonic()))
+        peer, _ = srv.accept()
+        with peer:
+            if in_map is not None and in_map() < 2:
+                return False, "the backpressure connection was not accelerated"
+            cli.setblocking(False)
+            chunk, queued = b"\0" * BACKPRESSURE_CHUNK, 0
+            while queued < limit and time.monotonic() < deadline:
+                try:
+                    queued += cli.send(chunk)
+                except (BlockingIOError, InterruptedError):
+                    return True, f"backpressure after {queued >> 10} KiB"
+                except OSError as err:   # ENOMEM and the like also stop the writer: bounded
+                    return True, f"backpressure after {queued >> 10} KiB ({err.strerror})"
+    if queued >= limit:
+        return False, (f"no backpressure: {queued >> 20} MiB queued to a peer that does not read (TCP stops at "
+                       f"its socket buffers, at most {tcp_queue_max() >> 20} MiB here); the kernel's sockmap "
+                       "ingress ignores the receive buffer, so an app could fill kernel memory through its proxy")
+    return False, f"backpressure check ran out of time after {queued >> 20} MiB"
+
+
+def self_test(port: int, count_socks=None, deadline_s: float = SELFTEST_DEADLINE_S,
+              check_splice: bool = True, check_backpressure: bool = True) -> tuple[bool, str]:
+    """Loopback client -> 127.0.0.1:<port> in this netns/cgroup; see module doc. (ok, detail)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            srv.bind(("127.0.0.1", port))
+        except OSError as err:
+            return False, f"cannot listen on 127.0.0.1:{port} for the self-test ({err.strerror})"
+        srv.listen(1)
+        ok, why = _exchanges(srv, port, count_socks, deadline_s, check_splice)
+        if not ok:
+            return False, why
+        details = [why, "received with splice(2)" if check_splice else SPLICE_WAIVED]
+        if not check_backpressure:
+            return True, ", ".join(details + [BACKPRESSURE_WAIVED])
+        try:
+            ok, why = backpressure_holds(srv, port, time.monotonic() + deadline_s, count_socks)
+        except OSError as err:
+            ok, why = False, f"backpressure check: {err.strerror or err}"
+        return ok, ", ".join(details + [why]) if ok else why
+
+
+def _exchanges(srv: socket.socket, port: int, count_socks, deadline_s: float,
+               check_splice: bool) -> tuple[bool, str]:
+    """Keep-alive exchanges of SELFTEST_SIZES on one accelerated connection, byte-exact."""
+    deadline = time.monotonic() + deadline_s
     errors: list[str] = []
 
     def serve():
@@ -110,9 +183,8 @@ def self_test(port: int, count_socks=None, deadline_s: float = SELFTEST_DEADLINE
             srv.settimeout(deadline_s)
             conn, _ = srv.accept()
             with conn:
-                for n in SELFTEST_SIZES:
-                    req = _recv_exact(conn, 8, deadline, use_splice=False)
-                    size = int(req)
+                for _ in SELFTEST_SIZES:
+                    size = int(_recv_exact(conn, 8, deadline, use_splice=False))
                     conn.sendall(_pattern(size))
         except (OSError, ValueError, TimeoutError) as err:
             errors.append(f"server: {err}")
@@ -121,8 +193,7 @@ def self_test(port: int, count_socks=None, deadline_s: float = SELFTEST_DEADLINE
     thread.start()
     in_map = 0
     try:
-        cli = socket.create_connection(("127.0.0.1", port), timeout=deadline_s)
-        with cli:
+        with socket.create_connection(("127.0.0.1", port), timeout=deadline_s) as cli:
             for i, n in enumerate(SELFTEST_SIZES):
                 cli.sendall(b"%08d" % n)
                 data = _recv_exact(cli, n, deadline, use_splice=check_splice and n > 4096)
@@ -134,13 +205,11 @@ def self_test(port: int, count_socks=None, deadline_s: float = SELFTEST_DEADLINE
         return False, f"client: {err}"
     finally:
         thread.join(timeout=max(0.1, deadline - time.monotonic()))
-        srv.close()
     if errors:
         return False, errors[0]
     if count_socks is not None and in_map < 2:
         return False, f"the connection was not accelerated ({in_map} sockets in the sockhash)"
-    how = "received with splice(2)" if check_splice else SPLICE_WAIVED
-    return True, f"{len(SELFTEST_SIZES)} keep-alive exchanges up to {max(SELFTEST_SIZES) >> 20} MiB, {how}"
+    return True, f"{len(SELFTEST_SIZES)} keep-alive exchanges up to {max(SELFTEST_SIZES) >> 20} MiB"
 
 
 def enable_or_fall_back(build, cfg, facts, cgroup_path, result):
@@ -154,7 +223,8 @@ def enable_or_fall_back(build, cfg, facts, cgroup_path, result):
             # Operator waiver for workloads known never to splice() (on this machine's 6.18 kernel splice
             # stalls on accelerated sockets, so the full self-test always falls back). Logged, never silent.
             ok, why = self_test(cfg.proxy_port, lambda: len(bpfsys.map_keys(fd, SOCK_KEY_SIZE, limit=65536)),
-                                check_splice=not cfg.accelerate_skip_splice_check)
+                                check_splice=not cfg.accelerate_skip_splice_check,
+                                check_backpressure=not cfg.accelerate_skip_backpressure_check)
         except OSError as err:
             ok, why = False, f"sk_msg attach failed: {err.strerror}"
     if ok:

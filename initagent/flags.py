@@ -87,6 +87,8 @@ class CaptureConfig:
     accelerate: bool = False
     # waives only the splice(2) part of the acceleration self-test; no effect without accelerate
     accelerate_skip_splice_check: bool = False
+    # waives only the backpressure part of the acceleration self-test; no effect without accelerate
+    accelerate_skip_backpressure_check: bool = False
     egress_allow: Optional[tuple[EgressRule, ...]] = None   # None = no egress guard
     cgroup: str = ""              # pod cgroup v2 dir ("" = find it from POD_UID)
     bpffs: str = DEFAULT_BPFFS
@@ -196,6 +198,7 @@ _FLAGS = [
     _Flag("egress-allow", "", "str", ("BPFINIT_EGRESS_ALLOW",)),
     _Flag("accelerate", "", "bool", ("BPFINIT_ACCELERATE",)),
     _Flag("accelerate-skip-splice-check", "", "bool", ("BPFINIT_ACCEL_SKIP_SPLICE_CHECK",)),
+    _Flag("accelerate-skip-backpressure-check", "", "bool", ("BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK",)),
     _Flag("cgroup", "", "str", ()),
     _Flag("bpffs", "", "str", ()),
     _Flag("netns", "", "str", ()),
@@ -496,7 +499,8 @@ def parse(
                       ("dual_stack", "dual-stack"), ("cni_mode", "cni-mode"), ("reconcile", "reconcile"),
                       ("cleanup_only", "cleanup-only"), ("force_apply", "force-apply"),
                       ("native_nftables", "native-nftables"), ("accelerate", "accelerate"),
-                      ("accelerate_skip_splice_check", "accelerate-skip-splice-check")):
+                      ("accelerate_skip_splice_check", "accelerate-skip-splice-check"),
+                      ("accelerate_skip_backpressure_check", "accelerate-skip-backpressure-check")):
         kw[key] = _bool(values, long)
     kw["network_namespace"] = values.get("network-namespace", "")
     binary = values.get("force-iptables-binary", "")

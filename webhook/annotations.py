@@ -24,6 +24,8 @@ BPFINIT_INJECT = "bpfinit.io/inject"
 BPFINIT_ACCELERATE = "bpfinit.io/accelerate"
 # waives the splice(2) part of the acceleration self-test (agent --accelerate-skip-splice-check)
 BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK = "bpfinit.io/accelerate-skip-splice-check"
+# waives the backpressure part of the acceleration self-test (agent --accelerate-skip-backpressure-check)
+BPFINIT_ACCELERATE_SKIP_BACKPRESSURE_CHECK = "bpfinit.io/accelerate-skip-backpressure-check"
 BPFINIT_DNS_CAPTURE = "bpfinit.io/dns-capture"
 BPFINIT_STATUS = "bpfinit.io/status"
 
@@ -174,6 +176,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     BPFINIT_INJECT: check_boolean,
     BPFINIT_ACCELERATE: check_boolean,
     BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK: check_boolean,
+    BPFINIT_ACCELERATE_SKIP_BACKPRESSURE_CHECK: check_boolean,
     BPFINIT_DNS_CAPTURE: check_boolean,
     BPFINIT_STATUS: check_status,
 }
