@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 MIN_KERNEL = (5, 15)            # bpf_get_netns_cookie in sk_msg (the key's netns); sockhash + redirect fixes
-SOCK_KEY_SIZE = 56              # struct bi_sock_key (maps.h)
 SELFTEST_SIZES = (100, 4 * 1024 * 1024, 100)
 SELFTEST_DEADLINE_S = 5.0
 # Said in the "acceleration on" line whenever the operator waived the splice part: never silent.
@@ -41,6 +40,7 @@ BACKPRESSURE_WAIVED = ("backpressure NOT checked: waived by the operator (--acce
                        "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK / bpfinit.io/accelerate-skip-backpressure-check)")
 BACKPRESSURE_MIN_LIMIT = 64 << 20   # what a receiver that does not read may be sent before the check fails
 BACKPRESSURE_CHUNK = 64 << 10
+BACKPRESSURE_PROBE = 256 << 10     # read by the peer first: its bytes show the connection is accelerated
 
 
 def kernel_gate(release: str | None = None) -> tuple[bool, str]:
@@ -121,26 +121,64 @@ def backpressure_limit() -> int:
     return max(BACKPRESSURE_MIN_LIMIT, 2 * tcp_queue_max())
 
 
-def backpressure_holds(srv: socket.socket, port: int, deadline: float, in_map=None) -> tuple[bool, str]:
-    """Non-blocking writes to an accelerated peer that never reads must hit EAGAIN before the limit.
-    The peer is accept()ed first: the kernel has then run its PASSIVE_ESTABLISHED (it is in the sockhash),
-    so the very first write is redirected, not sent by TCP."""
+def lo_tx_bytes() -> int:
+    """Bytes sent on this netns's loopback so far (/proc/self/net follows the netns we are in; /sys may not)."""
+    for line in Path("/proc/self/net/dev").read_text().splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[8])
+    raise OSError("no lo in /proc/self/net/dev")
+
+
+def _accelerated(payload: int, lo_bytes: int) -> bool:
+    """Redirected bytes never touch lo; only the handshake and the teardown do."""
+    return lo_bytes < payload // 4
+
+
+def backpressure_holds(srv: socket.socket, port: int, deadline: float,
+                       require_acceleration: bool = True) -> tuple[bool, str]:
+    """Non-blocking writes to a peer that stopped reading must hit EAGAIN before the limit. First the peer
+    reads a probe block, whose bytes must not cross lo (unless told otherwise, as for plain TCP): that
+    shows this very connection is accelerated. The peer is accept()ed before the first write, so the kernel
+    has run its PASSIVE_ESTABLISHED (it is in the sockhash) and no byte takes the TCP path."""
     limit = backpressure_limit()
     with socket.create_connection(("127.0.0.1", port), timeout=max(0.1, deadline - time.monotonic())) as cli:
         srv.settimeout(max(0.1, deadline - time.monotonic()))
         peer, _ = srv.accept()
         with peer:
-            if in_map is not None and in_map() < 2:
-                return False, "the backpressure connection was not accelerated"
+            errors: list[str] = []
+
+            def read_probe():
+                try:
+                    _recv_exact(peer, BACKPRESSURE_PROBE, deadline, use_splice=False)
+                except (OSError, TimeoutError, ConnectionError) as err:
+                    errors.append(str(err))
+
+            lo_before = lo_tx_bytes()
+            reader = threading.Thread(target=read_probe, daemon=True)
+            reader.start()
+            cli.sendall(b"\1" * BACKPRESSURE_PROBE)
+            reader.join(timeout=max(0.1, deadline - time.monotonic()))
+            lo_bytes = lo_tx_bytes() - lo_before
+            if errors or reader.is_alive():
+                return False, f"backpressure check: the probe block was not received ({errors or 'timeout'})"
+            if require_acceleration and not _accelerated(BACKPRESSURE_PROBE, lo_bytes):
+                return False, (f"the backpressure connection was not accelerated ({lo_bytes >> 10} KiB of "
+                               f"{BACKPRESSURE_PROBE >> 10} KiB crossed lo)")
+            # from here on the peer never reads
             cli.setblocking(False)
-            chunk, queued = b"\0" * BACKPRESSURE_CHUNK, 0
+            chunk, queued, stopped = b"\0" * BACKPRESSURE_CHUNK, 0, ""
             while queued < limit and time.monotonic() < deadline:
                 try:
                     queued += cli.send(chunk)
                 except (BlockingIOError, InterruptedError):
-                    return True, f"backpressure after {queued >> 10} KiB"
+                    stopped = f"backpressure after {queued >> 10} KiB"
+                    break
                 except OSError as err:   # ENOMEM and the like also stop the writer: bounded
-                    return True, f"backpressure after {queued >> 10} KiB ({err.strerror})"
+                    stopped = f"backpressure after {queued >> 10} KiB ({err.strerror})"
+                    break
+    if stopped:
+        return True, stopped
     if queued >= limit:
         return False, (f"no backpressure: {queued >> 20} MiB queued to a peer that does not read (TCP stops at "
                        f"its socket buffers, at most {tcp_queue_max() >> 20} MiB here); the kernel's sockmap "
@@ -148,7 +186,7 @@ def backpressure_holds(srv: socket.socket, port: int, deadline: float, in_map=No
     return False, f"backpressure check ran out of time after {queued >> 20} MiB"
 
 
-def self_test(port: int, count_socks=None, deadline_s: float = SELFTEST_DEADLINE_S,
+def self_test(port: int, deadline_s: float = SELFTEST_DEADLINE_S,
               check_splice: bool = True, check_backpressure: bool = True) -> tuple[bool, str]:
     """Loopback client -> 127.0.0.1:<port> in this netns/cgroup; see module doc. (ok, detail)."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -159,22 +197,21 @@ def self_test(port: int, count_socks=None, deadline_s: float = SELFTEST_DEADLINE
         except OSError as err:
             return False, f"cannot listen on 127.0.0.1:{port} for the self-test ({err.strerror})"
         srv.listen(1)
-        ok, why = _exchanges(srv, port, count_socks, deadline_s, check_splice)
+        ok, why = _exchanges(srv, port, deadline_s, check_splice)
         if not ok:
             return False, why
         details = [why, "received with splice(2)" if check_splice else SPLICE_WAIVED]
         if not check_backpressure:
             return True, ", ".join(details + [BACKPRESSURE_WAIVED])
         try:
-            ok, why = backpressure_holds(srv, port, time.monotonic() + deadline_s, count_socks)
+            ok, why = backpressure_holds(srv, port, time.monotonic() + deadline_s)
         except OSError as err:
             ok, why = False, f"backpressure check: {err.strerror or err}"
         return ok, ", ".join(details + [why]) if ok else why
 
 
-def _exchanges(srv: socket.socket, port: int, count_socks, deadline_s: float,
-               check_splice: bool) -> tuple[bool, str]:
-    """Keep-alive exchanges of SELFTEST_SIZES on one accelerated connection, byte-exact."""
+def _exchanges(srv: socket.socket, port: int, deadline_s: float, check_splice: bool) -> tuple[bool, str]:
+    """Keep-alive exchanges of SELFTEST_SIZES on one connection, byte-exact, that must not cross lo."""
     deadline = time.monotonic() + deadline_s
     errors: list[str] = []
 
@@ -191,7 +228,7 @@ def _exchanges(srv: socket.socket, port: int, count_socks, deadline_s: float,
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    in_map = 0
+    lo_before = lo_tx_bytes()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=deadline_s) as cli:
             for i, n in enumerate(SELFTEST_SIZES):
@@ -199,31 +236,28 @@ def _exchanges(srv: socket.socket, port: int, count_socks, deadline_s: float,
                 data = _recv_exact(cli, n, deadline, use_splice=check_splice and n > 4096)
                 if data != _pattern(n):
                     return False, f"response {i + 1} ({n} bytes) was corrupted"
-                if i == 0 and count_socks is not None:
-                    in_map = count_socks()
     except (OSError, TimeoutError, ConnectionError) as err:
         return False, f"client: {err}"
     finally:
         thread.join(timeout=max(0.1, deadline - time.monotonic()))
     if errors:
         return False, errors[0]
-    if count_socks is not None and in_map < 2:
-        return False, f"the connection was not accelerated ({in_map} sockets in the sockhash)"
+    payload, lo_bytes = sum(SELFTEST_SIZES) + 8 * len(SELFTEST_SIZES), lo_tx_bytes() - lo_before
+    if not _accelerated(payload, lo_bytes):
+        return False, f"the connection was not accelerated ({lo_bytes >> 10} KiB of {payload >> 10} KiB crossed lo)"
     return True, f"{len(SELFTEST_SIZES)} keep-alive exchanges up to {max(SELFTEST_SIZES) >> 20} MiB"
 
 
 def enable_or_fall_back(build, cfg, facts, cgroup_path, result):
     """After setup with acceleration on: gate + self-test; on failure re-apply without it. Returns cfg."""
-    from initagent import attach, bpfsys, netns
+    from initagent import attach, netns
     ok, why = kernel_gate()
     if ok:
         try:
             attach_sk_msg(build)
-            fd = build.map_fd("bi_accel_socks")
             # Operator waiver for workloads known never to splice() (on this machine's 6.18 kernel splice
             # stalls on accelerated sockets, so the full self-test always falls back). Logged, never silent.
-            ok, why = self_test(cfg.proxy_port, lambda: len(bpfsys.map_keys(fd, SOCK_KEY_SIZE, limit=65536)),
-                                check_splice=not cfg.accelerate_skip_splice_check,
+            ok, why = self_test(cfg.proxy_port, check_splice=not cfg.accelerate_skip_splice_check,
                                 check_backpressure=not cfg.accelerate_skip_backpressure_check)
         except OSError as err:
             ok, why = False, f"sk_msg attach failed: {err.strerror}"

@@ -2,7 +2,9 @@
 the acceleration gate/self-test fallback, and unsupported configs refused clearly."""
 from __future__ import annotations
 
+import socket
 import sys
+import time
 
 import pytest
 
@@ -78,18 +80,34 @@ def test_accelerate_with_both_checks_waived_turns_on(flags, env):
     assert "backpressure NOT checked: waived by the operator" in stdout, out
 
 
+def _listener() -> socket.socket:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    return srv
+
+
 def test_backpressure_check_passes_on_plain_tcp():
     """The check itself against plain loopback TCP (no BPF here): the writer meets EAGAIN within TCP's
     buffers, far below the limit."""
-    import socket
-    import time
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(1)
-        ok, why = accel.backpressure_holds(srv, srv.getsockname()[1], time.monotonic() + 5)
+    with _listener() as srv:
+        ok, why = accel.backpressure_holds(srv, srv.getsockname()[1], time.monotonic() + 5,
+                                           require_acceleration=False)
     assert ok, why
     queued_kib = int(why.split()[2])
     assert 0 < queued_kib * 1024 <= accel.tcp_queue_max() < accel.backpressure_limit()
+
+
+def test_self_test_fails_when_bytes_cross_lo():
+    """Without BPF the self-test's connection is plain TCP: its bytes cross lo, so it is not accelerated,
+    and the backpressure connection is refused for the same reason (it would prove nothing)."""
+    with _listener() as probe:
+        port = probe.getsockname()[1]
+    ok, why = accel.self_test(port, check_splice=False, check_backpressure=False)
+    assert not ok and "was not accelerated" in why and "crossed lo" in why, why
+    with _listener() as srv:
+        ok, why = accel.backpressure_holds(srv, srv.getsockname()[1], time.monotonic() + 5)
+    assert not ok and "backpressure connection was not accelerated" in why, why
 
 
 @pytest.mark.kernel
