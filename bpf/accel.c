@@ -81,10 +81,35 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
         return;
     long rc = bi_accel_socks.sock_hash_update(skops, &key, BPF_NOEXIST);   /* (bcc: keep as a statement) */
     if (rc == 0) {
+        __u64 addr = (__u64)skops->sk;
+        bi_accel_sk_addr.update(&key, &addr);
         BI_TUPLE(t);
         BI_FLOW(bi_flow_from_sock_ops, t, skops);
         BI_RECORD(skops, cfg->pod_idx, outbound ? DIR_OUTBOUND : DIR_INBOUND, VERDICT_REDIRECTED, REASON_ACCEL, t);
     }
+}
+
+/* The kernel queues redirected bytes on the peer without checking its receive buffer (it counts them in
+ * sk_rmem_alloc but charges only the global TCP limit; cilium#6431): a writer would never block, and an app
+ * could park any amount of kernel memory in its proxy's socket. So a message that would leave the peer
+ * holding more than BI_ACCEL_QUEUE_MAX unread takes the TCP path instead, and with it the rest of the
+ * connection: TCP's window sees the same sk_rmem_alloc, closes, and the writer blocks as it would
+ * without acceleration. Without the offset (no kernel BTF) there is no bound here, and the agent's
+ * self-test finds out. */
+#define BI_ACCEL_QUEUE_MAX (8 << 20)   /* per receiving socket; TCP's own default ceiling is 6 MiB */
+static __always_inline int bi_peer_has_room(struct bi_sock_key *peer, __u32 size)
+{
+#ifdef BI_SK_RMEM_ALLOC_OFF
+    __u64 *addr = bi_accel_sk_addr.lookup(peer);
+    if (!addr)
+        return 0;
+    int unread = 0;
+    if (bpf_probe_read_kernel(&unread, sizeof(unread), (void *)(*addr + BI_SK_RMEM_ALLOC_OFF)) < 0)
+        return 0;
+    return unread >= 0 && (__u64)unread + size <= BI_ACCEL_QUEUE_MAX;
+#else
+    return 1;
+#endif
 }
 
 int bpfinit_sk_msg(struct sk_msg_md *msg)
@@ -96,6 +121,7 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
     if (st && st->tcp_sent)
         return SK_PASS;        /* some bytes went by TCP: keep the order, stay on TCP */
     struct bi_sock_key peer = {};
+    __u32 size = msg->size;
     __u32 l4 = msg->local_ip4, r4 = msg->remote_ip4;
     __u32 l0 = msg->local_ip6[0], l1 = msg->local_ip6[1], l2 = msg->local_ip6[2], l3 = msg->local_ip6[3];
     __u32 r0 = msg->remote_ip6[0], r1 = msg->remote_ip6[1], r2 = msg->remote_ip6[2], r3 = msg->remote_ip6[3];
@@ -103,6 +129,7 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
     if (bi_sock_key_fill(&peer, bpf_get_netns_cookie(msg), msg->family, bpf_ntohl(msg->remote_port),
                          msg->local_port,
                          r4, r0, r1, r2, r3, l4, l0, l1, l2, l3) == 0 &&
+        bi_peer_has_room(&peer, size) &&
         bi_accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS)
         return SK_PASS;   /* redirected into the peer's receive queue */
     /* A miss (the peer's PASSIVE_ESTABLISHED has not run yet, e.g. behind TCP_DEFER_ACCEPT, or it is gone):

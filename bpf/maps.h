@@ -206,6 +206,11 @@ struct bi_accel_state {
     __u32 tcp_sent;
 };
 BPF_SK_STORAGE(bi_accel_tcp_path, struct bi_accel_state);
+/* Each accelerated socket's kernel address, under its sockhash key, so that sk_msg can read how much its
+ * peer holds unread (sk_rmem_alloc, at the offset the agent found in the kernel's BTF). sk_msg can look a
+ * socket up in the sockhash but has no bpf_sk_release for the reference, so the address is kept here and
+ * only ever read with bpf_probe_read_kernel. Written with the sockhash entry; an LRU bounds it. */
+BPF_TABLE("lru_hash", struct bi_sock_key, __u64, bi_accel_sk_addr, 65536);
 /* ===== end acceleration ===== */
 
 /* ===== observability (owner: observability engineer; types and the record() helper: events.h) =====

@@ -6,11 +6,12 @@ splice() interactions; ebpf-landscape.md §4). So it is switched on for a pod on
   2. a start-up self-test in the pod itself passes: app<->proxy-port loopback connection, keep-alive
      (several exchanges on one connection), a response of several MB, and the receiver reading it
      with splice(2), all byte-exact and within a deadline, with both sockets really in the sockhash.
-  3. backpressure holds: a second accelerated connection whose receiver does not read must stop taking
-     bytes, as TCP does at its socket buffers. sk_msg's ingress path charges only the global TCP memory
-     limit, not the receiver's buffer, on some kernels (this machine's 6.18): an app could then queue
-     unbounded kernel memory in its proxy's socket, and the proxy's own flow control (Envoy stops reading
-     a downstream whose upstream is slow) would no longer hold.
+  3. backpressure holds: a second accelerated connection whose receiver stops reading must stop taking
+     bytes, as TCP does at its socket buffers. The kernel's sk_msg ingress path charges only the global TCP
+     memory limit, not the receiver's buffer (this machine's 6.18 too); bpf/accel.c bounds it with the
+     peer's sk_rmem_alloc, at the offset accel_cflags() reads from the kernel's BTF. Without that an app
+     could queue unbounded kernel memory in its proxy's socket, and the proxy's own flow control (Envoy
+     stops reading a downstream whose upstream is slow) would no longer hold.
 The splice(2) part (--accelerate-skip-splice-check) and the backpressure part
 (--accelerate-skip-backpressure-check) can each be waived by the operator; the log line then says what was
 NOT checked.
@@ -52,6 +53,17 @@ def kernel_gate(release: str | None = None) -> tuple[bool, str]:
     if version < MIN_KERNEL:
         return False, f"kernel {release} is older than {MIN_KERNEL[0]}.{MIN_KERNEL[1]}"
     return True, f"kernel {release}"
+
+
+def accel_cflags() -> list[str]:
+    """Compile flags for bpf/accel.c on this kernel (the loader adds them): where struct sock keeps
+    sk_rmem_alloc, from the kernel's own BTF, so sk_msg can bound what a peer holds unread. Without BTF
+    nothing is bounded in BPF, and the self-test's backpressure part decides."""
+    from initagent import kbtf
+    try:
+        return [f"-DBI_SK_RMEM_ALLOC_OFF={kbtf.load().offset('sock', 'sk_backlog.rmem_alloc')}"]
+    except kbtf.BtfError:
+        return []
 
 
 def attach_sk_msg(build) -> None:

@@ -70,8 +70,10 @@ HELPER_NEEDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("getsockopt.c", "cgroup_sockopt", ("get_netns_cookie", "map_lookup_elem")),
     ("sk_lookup.c", "sk_lookup", ("sk_assign", "sk_release", "map_lookup_elem", EVENTS)),
     ("sk_lookup.c", "sock_ops", ("sock_hash_update", "map_lookup_elem", EVENTS)),   # registers listeners
-    ("accel.c", "sock_ops", ("get_netns_cookie", "sock_hash_update", "map_lookup_elem", EVENTS)),
-    ("accel.c", "sk_msg", ("get_netns_cookie", "msg_redirect_hash", "sk_storage_get")),
+    ("accel.c", "sock_ops", ("get_netns_cookie", "sock_hash_update", "map_lookup_elem", "map_update_elem",
+                           EVENTS)),
+    ("accel.c", "sk_msg", ("get_netns_cookie", "msg_redirect_hash", "sk_storage_get", "map_lookup_elem",
+                         "probe_read_kernel")),
     ("sock_create.c", "cgroup_sock", ("get_netns_cookie", "get_current_uid_gid", "map_lookup_elem", EVENTS)),
     ("getpeername.c", "cgroup_sock_addr", ("get_netns_cookie", "sk_storage_get", "map_lookup_elem")),
 )
@@ -335,6 +337,18 @@ def probe_sk_lookup_link() -> Probe:
 
 
 # ---------------------------------------------------------------- checks
+def accel_bound_check() -> dict:
+    """Kernel BTF gives sk_msg the offset of sk_rmem_alloc, which bounds what an accelerated peer holds."""
+    from initagent import kbtf
+    try:
+        offset = kbtf.load().offset("sock", "sk_backlog.rmem_alloc")
+    except kbtf.BtfError as err:
+        return _check("accel queue bound", None, f"{err}: sk_msg cannot bound what a peer holds unread; the "
+                      "acceleration self-test's backpressure part will decide", False, "maps")
+    return _check("accel queue bound", True, f"struct sock sk_rmem_alloc at offset {offset} (kernel BTF)",
+                  False, "maps")
+
+
 def _check(name: str, ok: bool | None, detail: str, required: bool = True, group: str = "host") -> dict:
     status = "ok" if ok else ("missing" if required and ok is False else "warning")
     return {"check": name, "group": group, "required": required, "status": status,
@@ -406,6 +420,7 @@ def kernel_feature_checks(cgroup_root: Path | None) -> list[dict]:
     checks.append(_from_probe("map sk_storage", storage, "maps", "sk_storage maps (with BTF)",
                               "the original destination per socket at connect (SO_ORIGINAL_DST)", True, "5.2",
                               "created (BTF-typed value, as the build declares it)"))
+    checks.append(accel_bound_check())   # optional: only --accelerate needs it
     if ring.available:
         checks.append(_check("event buffer", True, "BPF ring buffer (node-wide, ordered)", False, "maps"))
     else:

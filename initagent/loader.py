@@ -212,8 +212,9 @@ def _compile_and_pin(text: str, directory: Path, programs: list[ProgSpec], heade
     _remove_tree(directory)
     (directory / "progs").mkdir(parents=True)
     (directory / "maps").mkdir()
+    from initagent.accel import accel_cflags    # sk_rmem_alloc's offset, from the kernel's BTF
     from initagent.observe import event_cflags  # ring buffer, or perf buffer on kernels < 5.8
-    cflags = list(found.cflags) + [f"-I{BPF_DIR}", "-Wno-macro-redefined"] + event_cflags()
+    cflags = list(found.cflags) + [f"-I{BPF_DIR}", "-Wno-macro-redefined"] + event_cflags() + accel_cflags()
     try:
         bpf = BPF(text=text.encode(), cflags=cflags)
     except Exception as err:  # bcc raises bare Exception on compile errors (details on stderr)

@@ -54,6 +54,7 @@ def test_everything_required_passes_here_within_two_seconds(bpffs):
                   "sockhash", "sk_storage"):
         assert by_name[f"map {mtype}"]["status"] == "ok"
     assert by_name["event buffer"]["detail"].startswith("BPF ring buffer")   # 6.x: no perf fallback
+    assert by_name["accel queue bound"]["status"] == "ok", by_name["accel queue bound"]   # kernel BTF here
     helper_checks = [c for c in checks if c["group"] == "helpers"]
     assert len(helper_checks) >= 20 and all(c["status"] == "ok" for c in helper_checks), helper_checks
     for name in ("helper bpf_get_netns_cookie in cgroup_sock_addr", "helper bpf_get_netns_cookie in sock_ops",

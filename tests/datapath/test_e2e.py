@@ -17,8 +17,8 @@ from tests.sidecar import HAProxy, sidecar_config
 pytestmark = pytest.mark.kernel
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
-# this kernel fails the splice and backpressure parts of the self-test (docs/datapath.md); waived here
-ACCEL_WAIVED = ["--accelerate", "--accelerate-skip-splice-check", "--accelerate-skip-backpressure-check"]
+# this kernel fails the splice part of the self-test (docs/datapath.md); waived here
+ACCEL_WAIVED = ["--accelerate", "--accelerate-skip-splice-check"]
 
 CLIENT = r"""
 import http.client, json, sys, hashlib

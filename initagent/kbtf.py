@@ -1,0 +1,111 @@
+"""Field offsets of the running kernel's structs, from its BTF (/sys/kernel/btf/vmlinux).
+
+bcc compiles against whatever headers the node has (often older than the kernel), so a program that must
+read a kernel struct field gets the field's offset from here as a -D flag instead: the few lines of CO-RE
+we need. Only what that takes is parsed: the type section's records and struct/union members.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+BTF_MAGIC = 0xEB9F
+KIND_INT, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 3, 4, 5, 6
+KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT = 8, 9, 10, 11
+KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = 13, 14, 15, 17, 18, 19
+# bytes that follow the 12-byte record, per kind: (fixed, per member)
+EXTRA = {KIND_INT: (4, 0), KIND_ARRAY: (12, 0), KIND_STRUCT: (0, 12), KIND_UNION: (0, 12), KIND_ENUM: (0, 8),
+         KIND_FUNC_PROTO: (0, 8), KIND_VAR: (4, 0), KIND_DATASEC: (0, 12), KIND_DECL_TAG: (4, 0),
+         KIND_ENUM64: (0, 12)}
+MODIFIERS = {KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG}
+
+
+class BtfError(Exception):
+    pass
+
+
+class Btf:
+    def __init__(self, data: bytes):
+        if len(data) < 24:
+            raise BtfError("BTF blob too short")
+        magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
+            "<HBBIIIII", data)
+        if magic != BTF_MAGIC:
+            raise BtfError(f"bad BTF magic {magic:#x}")
+        self.strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        # types[i] = (name, kind, kind_flag, size_or_type, members) for type id i + 1
+        self.types: list[tuple[str, int, bool, int, list[tuple[str, int, int]]]] = []
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            pos += 12
+            kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, bool(info >> 31)
+            members = []
+            if kind in (KIND_STRUCT, KIND_UNION):
+                for _ in range(vlen):
+                    m_name, m_type, m_off = struct.unpack_from("<III", data, pos)
+                    pos += 12
+                    bit_offset = m_off & 0xFFFFFF if kind_flag else m_off
+                    members.append((self._str(m_name), m_type, bit_offset))
+            else:
+                fixed, per = EXTRA.get(kind, (0, 0))
+                pos += fixed + per * vlen
+            self.types.append((self._str(name_off), kind, kind_flag, size_or_type, members))
+
+    def _str(self, off: int) -> str:
+        return self.strings[off: self.strings.index(b"\0", off)].decode()
+
+    def _type(self, type_id: int):
+        return self.types[type_id - 1]
+
+    def _resolve(self, type_id: int) -> int:
+        """Through typedefs and qualifiers to the underlying type."""
+        for _ in range(32):
+            _, kind, _, ref, _ = self._type(type_id)
+            if kind not in MODIFIERS:
+                return type_id
+            type_id = ref
+        raise BtfError("type chain too long")
+
+    def struct_id(self, name: str) -> int:
+        for i, (t_name, kind, _, size, _) in enumerate(self.types, start=1):
+            if t_name == name and kind == KIND_STRUCT and size > 0:
+                return i
+        raise BtfError(f"struct {name} not in the kernel's BTF")
+
+    def offset(self, struct_name: str, path: str) -> int:
+        """Byte offset of a (dotted) member path in struct_name, e.g. offset("sock", "sk_backlog.rmem_alloc").
+        Anonymous struct/union members are searched through, as C does."""
+        type_id, total_bits = self.struct_id(struct_name), 0
+        for part in path.split("."):
+            found = self._find_member(self._resolve(type_id), part)
+            if found is None:
+                raise BtfError(f"struct {struct_name} has no member {path}")
+            type_id, bits = found
+            total_bits += bits
+        if total_bits % 8:
+            raise BtfError(f"{struct_name}.{path} is a bitfield")
+        return total_bits // 8
+
+    def _find_member(self, type_id: int, name: str, depth: int = 0):
+        _, kind, _, _, members = self._type(type_id)
+        if kind not in (KIND_STRUCT, KIND_UNION) or depth > 8:
+            return None
+        for m_name, m_type, bit_offset in members:
+            if m_name == name:
+                return m_type, bit_offset
+        for m_name, m_type, bit_offset in members:
+            if not m_name:   # anonymous struct/union: its members belong to the parent
+                inner = self._find_member(self._resolve(m_type), name, depth + 1)
+                if inner is not None:
+                    return inner[0], bit_offset + inner[1]
+        return None
+
+
+def load(path: Path | None = None) -> Btf:
+    path = path or VMLINUX_BTF
+    try:
+        return Btf(path.read_bytes())
+    except OSError as err:
+        raise BtfError(f"cannot read {path}: {err.strerror}") from None
