@@ -12,9 +12,12 @@ splice() interactions; ebpf-landscape.md §4). So it is switched on for a pod on
      peer's sk_rmem_alloc, at the offset accel_cflags() reads from the kernel's BTF. Without that an app
      could queue unbounded kernel memory in its proxy's socket, and the proxy's own flow control (Envoy
      stops reading a downstream whose upstream is slow) would no longer hold.
-The splice(2) part (--accelerate-skip-splice-check) and the backpressure part
-(--accelerate-skip-backpressure-check) can each be waived by the operator; the log line then says what was
-NOT checked.
+  4. reads that wait for a minimum amount keep waiting: recv(MSG_WAITALL) returns the full amount, and a
+     socket with SO_RCVLOWAT is not readable before that many bytes. tcp_bpf's recvmsg ignores both on
+     this machine's 6.18 (a 1 MiB MSG_WAITALL read returned 64 KiB), which breaks an app relying on them.
+The splice(2) part (--accelerate-skip-splice-check), the backpressure part
+(--accelerate-skip-backpressure-check) and the MSG_WAITALL / SO_RCVLOWAT part (--accelerate-skip-waitall-check)
+can each be waived by the operator; the log line then says what was NOT checked.
 Otherwise the pod is re-configured without acceleration and the agent says so (it never fails the pod
 for it). The sk_msg program is attached to the pinned sockhash, so it outlives the agent.
 """
@@ -39,6 +42,11 @@ SPLICE_WAIVED = ("splice(2) NOT checked: waived by the operator (--accelerate-sk
                  "BPFINIT_ACCEL_SKIP_SPLICE_CHECK / bpfinit.io/accelerate-skip-splice-check)")
 BACKPRESSURE_WAIVED = ("backpressure NOT checked: waived by the operator (--accelerate-skip-backpressure-check / "
                        "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK / bpfinit.io/accelerate-skip-backpressure-check)")
+WAITALL_WAIVED = ("MSG_WAITALL / SO_RCVLOWAT NOT checked: waived by the operator (--accelerate-skip-waitall-check / "
+                  "BPFINIT_ACCEL_SKIP_WAITALL_CHECK / bpfinit.io/accelerate-skip-waitall-check)")
+WAITALL_SIZE = 256 << 10           # one MSG_WAITALL read, written in WAITALL_PARTS pieces
+WAITALL_PARTS = 4
+LOWAT_QUIET_S = 0.1                # how long a socket below SO_RCVLOWAT must stay unreadable
 BACKPRESSURE_MIN_LIMIT = 64 << 20   # what a receiver that does not read may be sent before the check fails
 BACKPRESSURE_CHUNK = 64 << 10
 BACKPRESSURE_PROBE = 256 << 10     # read by the peer first: its bytes show the connection is accelerated
@@ -198,8 +206,53 @@ def backpressure_holds(srv: socket.socket, port: int, deadline: float,
     return False, f"backpressure check ran out of time after {queued >> 20} MiB"
 
 
+def min_reads_hold(srv: socket.socket, port: int, deadline: float,
+                   require_acceleration: bool = True) -> tuple[bool, str]:
+    """recv(MSG_WAITALL) of WAITALL_SIZE written in pieces returns all of it; with SO_RCVLOWAT set, a few
+    bytes do not make the socket readable. On an accelerated connection (its bytes must not cross lo)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=max(0.1, deadline - time.monotonic())) as cli:
+        srv.settimeout(max(0.1, deadline - time.monotonic()))
+        peer, _ = srv.accept()
+        with peer:
+            peer.setblocking(True)   # MSG_WAITALL means nothing on a non-blocking socket (Python's timeouts are)
+            got: list[int] = []
+            reader = threading.Thread(target=lambda: got.append(len(peer.recv(WAITALL_SIZE, socket.MSG_WAITALL))),
+                                      daemon=True)
+            lo_before = lo_tx_bytes()
+            reader.start()
+            piece = WAITALL_SIZE // WAITALL_PARTS
+            for _ in range(WAITALL_PARTS):
+                cli.sendall(b"\2" * piece)
+                time.sleep(0.005)   # separate arrivals: each would satisfy a plain recv()
+            reader.join(timeout=max(0.1, deadline - time.monotonic()))
+            if reader.is_alive():            # never satisfied: unblock it, then report
+                peer.shutdown(socket.SHUT_RDWR)
+                reader.join(timeout=1.0)
+                return False, f"recv(MSG_WAITALL) of {WAITALL_SIZE >> 10} KiB never returned"
+            lo_bytes = lo_tx_bytes() - lo_before
+            if require_acceleration and not _accelerated(WAITALL_SIZE, lo_bytes):
+                return False, (f"the MSG_WAITALL connection was not accelerated ({lo_bytes >> 10} KiB of "
+                               f"{WAITALL_SIZE >> 10} KiB crossed lo)")
+            if not got or got[0] != WAITALL_SIZE:
+                return False, (f"recv(MSG_WAITALL) of {WAITALL_SIZE >> 10} KiB returned "
+                               f"{(got[0] >> 10) if got else 0} KiB: the kernel ignores MSG_WAITALL on "
+                               "accelerated sockets")
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, piece)
+            cli.sendall(b"\3" * 100)
+            early, _, _ = select.select([peer], [], [], LOWAT_QUIET_S)
+            if early:
+                return False, (f"a socket with SO_RCVLOWAT {piece >> 10} KiB became readable with 100 bytes: "
+                               "the kernel ignores SO_RCVLOWAT on accelerated sockets")
+            cli.sendall(b"\3" * piece)
+            ready, _, _ = select.select([peer], [], [], max(0.1, deadline - time.monotonic()))
+            if not ready:
+                return False, "a socket with SO_RCVLOWAT never became readable"
+    return True, "MSG_WAITALL and SO_RCVLOWAT honoured"
+
+
 def self_test(port: int, deadline_s: float = SELFTEST_DEADLINE_S,
-              check_splice: bool = True, check_backpressure: bool = True) -> tuple[bool, str]:
+              check_splice: bool = True, check_backpressure: bool = True,
+              check_waitall: bool = True) -> tuple[bool, str]:
     """Loopback client -> 127.0.0.1:<port> in this netns/cgroup; see module doc. (ok, detail)."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with srv:
@@ -213,6 +266,16 @@ def self_test(port: int, deadline_s: float = SELFTEST_DEADLINE_S,
         if not ok:
             return False, why
         details = [why, "received with splice(2)" if check_splice else SPLICE_WAIVED]
+        if check_waitall:
+            try:
+                ok, why = min_reads_hold(srv, port, time.monotonic() + deadline_s)
+            except OSError as err:
+                ok, why = False, f"MSG_WAITALL check: {err.strerror or err}"
+            if not ok:
+                return False, why
+            details.append(why)
+        else:
+            details.append(WAITALL_WAIVED)
         if not check_backpressure:
             return True, ", ".join(details + [BACKPRESSURE_WAIVED])
         try:
@@ -270,7 +333,8 @@ def enable_or_fall_back(build, cfg, facts, cgroup_path, result):
             # Operator waiver for workloads known never to splice() (on this machine's 6.18 kernel splice
             # stalls on accelerated sockets, so the full self-test always falls back). Logged, never silent.
             ok, why = self_test(cfg.proxy_port, check_splice=not cfg.accelerate_skip_splice_check,
-                                check_backpressure=not cfg.accelerate_skip_backpressure_check)
+                                check_backpressure=not cfg.accelerate_skip_backpressure_check,
+                                check_waitall=not cfg.accelerate_skip_waitall_check)
         except OSError as err:
             ok, why = False, f"sk_msg attach failed: {err.strerror}"
     if ok:

@@ -89,6 +89,8 @@ class CaptureConfig:
     accelerate_skip_splice_check: bool = False
     # waives only the backpressure part of the acceleration self-test; no effect without accelerate
     accelerate_skip_backpressure_check: bool = False
+    # waives only the MSG_WAITALL / SO_RCVLOWAT part of the acceleration self-test; no effect without accelerate
+    accelerate_skip_waitall_check: bool = False
     egress_allow: Optional[tuple[EgressRule, ...]] = None   # None = no egress guard
     cgroup: str = ""              # pod cgroup v2 dir ("" = find it from POD_UID)
     bpffs: str = DEFAULT_BPFFS
@@ -199,6 +201,7 @@ _FLAGS = [
     _Flag("accelerate", "", "bool", ("BPFINIT_ACCELERATE",)),
     _Flag("accelerate-skip-splice-check", "", "bool", ("BPFINIT_ACCEL_SKIP_SPLICE_CHECK",)),
     _Flag("accelerate-skip-backpressure-check", "", "bool", ("BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK",)),
+    _Flag("accelerate-skip-waitall-check", "", "bool", ("BPFINIT_ACCEL_SKIP_WAITALL_CHECK",)),
     _Flag("cgroup", "", "str", ()),
     _Flag("bpffs", "", "str", ()),
     _Flag("netns", "", "str", ()),
@@ -500,7 +503,8 @@ def parse(
                       ("cleanup_only", "cleanup-only"), ("force_apply", "force-apply"),
                       ("native_nftables", "native-nftables"), ("accelerate", "accelerate"),
                       ("accelerate_skip_splice_check", "accelerate-skip-splice-check"),
-                      ("accelerate_skip_backpressure_check", "accelerate-skip-backpressure-check")):
+                      ("accelerate_skip_backpressure_check", "accelerate-skip-backpressure-check"),
+                      ("accelerate_skip_waitall_check", "accelerate-skip-waitall-check")):
         kw[key] = _bool(values, long)
     kw["network_namespace"] = values.get("network-namespace", "")
     binary = values.get("force-iptables-binary", "")

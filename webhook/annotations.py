@@ -26,6 +26,8 @@ BPFINIT_ACCELERATE = "bpfinit.io/accelerate"
 BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK = "bpfinit.io/accelerate-skip-splice-check"
 # waives the backpressure part of the acceleration self-test (agent --accelerate-skip-backpressure-check)
 BPFINIT_ACCELERATE_SKIP_BACKPRESSURE_CHECK = "bpfinit.io/accelerate-skip-backpressure-check"
+# waives the MSG_WAITALL / SO_RCVLOWAT part of the acceleration self-test (agent --accelerate-skip-waitall-check)
+BPFINIT_ACCELERATE_SKIP_WAITALL_CHECK = "bpfinit.io/accelerate-skip-waitall-check"
 BPFINIT_DNS_CAPTURE = "bpfinit.io/dns-capture"
 BPFINIT_STATUS = "bpfinit.io/status"
 
@@ -177,6 +179,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     BPFINIT_ACCELERATE: check_boolean,
     BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK: check_boolean,
     BPFINIT_ACCELERATE_SKIP_BACKPRESSURE_CHECK: check_boolean,
+    BPFINIT_ACCELERATE_SKIP_WAITALL_CHECK: check_boolean,
     BPFINIT_DNS_CAPTURE: check_boolean,
     BPFINIT_STATUS: check_status,
 }

@@ -237,6 +237,47 @@ def test_skip_backpressure_check_without_accelerate_is_harmless():
     assert (cfg.warnings, cfg.unsupported) == ((), ())
 
 
+def test_accelerate_skip_waitall_check_flag_env_and_round_trip():
+    assert not parse(["--accelerate"], {}).accelerate_skip_waitall_check           # off by default
+    cfg = parse(["--accelerate", "--accelerate-skip-waitall-check"], {})
+    assert cfg.accelerate and cfg.accelerate_skip_waitall_check
+    assert not cfg.accelerate_skip_splice_check                                   # independent waivers
+    assert not cfg.accelerate_skip_backpressure_check
+    assert not parse(["--accelerate", "--accelerate-skip-splice-check"], {}).accelerate_skip_waitall_check
+    assert not parse(["--accelerate", "--accelerate-skip-backpressure-check"], {}).accelerate_skip_waitall_check
+    # the env alias takes the same values as the splice one: "1" and "true"
+    for value in ("1", "true"):
+        env = {"BPFINIT_ACCEL_SKIP_WAITALL_CHECK": value}
+        assert parse(["--accelerate"], env).accelerate_skip_waitall_check
+    env = {"BPFINIT_ACCEL_SKIP_WAITALL_CHECK": "0"}
+    assert not parse(["--accelerate"], env).accelerate_skip_waitall_check
+    # CLI > env: an explicit false (the webhook's annotation "false") beats the env
+    env = {"BPFINIT_ACCEL_SKIP_WAITALL_CHECK": "1"}
+    assert not parse(["--accelerate-skip-waitall-check=false"], env).accelerate_skip_waitall_check
+    bad = parse([], {"BPFINIT_ACCEL_SKIP_WAITALL_CHECK": "yes"})
+    assert not bad.accelerate_skip_waitall_check
+    assert any("BPFINIT_ACCEL_SKIP_WAITALL_CHECK" in w for w in bad.warnings)
+    with pytest.raises(FlagError, match="accelerate-skip-waitall-check"):
+        parse(["--accelerate-skip-waitall-check=maybe"], {})
+    # round trip: the args the webhook appends (splice, backpressure, then waitall waiver) parse back the same
+    argv = TEMPLATE_ARGS[1:] + ["--accelerate", "--accelerate-skip-splice-check",
+                                "--accelerate-skip-backpressure-check", "--accelerate-skip-waitall-check"]
+    assert parse(argv, {}) == parse(TEMPLATE_ARGS + ["--accelerate", "--accelerate-skip-splice-check=true",
+                                                     "--accelerate-skip-backpressure-check=true",
+                                                     "--accelerate-skip-waitall-check=true"], {})
+    d = parse(argv, {}).to_dict()
+    assert d["accelerate_skip_splice_check"] is True and d["accelerate_skip_backpressure_check"] is True
+    assert d["accelerate_skip_waitall_check"] is True
+
+
+def test_skip_waitall_check_without_accelerate_is_harmless():
+    """Meaningless without --accelerate: accepted, no error, no warning, nothing unsupported (the agent only
+    looks at it inside the acceleration self-test, which does not run)."""
+    cfg = parse(["--accelerate-skip-waitall-check"], {})
+    assert cfg.accelerate_skip_waitall_check and not cfg.accelerate
+    assert (cfg.warnings, cfg.unsupported) == ((), ())
+
+
 def test_durations_and_to_dict():
     assert parse_go_duration("1m30s") == 90 and parse_go_duration("250ms") == 0.25 and parse_go_duration("0") == 0
     d = parse(["-i", "10.0.0.0/8", "--egress-allow", "10.0.0.0/8:1"], {}).to_dict()

@@ -61,7 +61,8 @@ def test_accelerated_bytes_never_reach_another_pod_with_the_same_4_tuple():
     with bpffs_mount() as bpffs, Cluster() as cluster:
         pod_a, pod_b = cluster.add_pod("acca"), cluster.add_pod("accb")
         for pod in (pod_a, pod_b):
-            res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + ["--accelerate", "--accelerate-skip-splice-check"])
+            res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + ["--accelerate", "--accelerate-skip-splice-check",
+                                                                       "--accelerate-skip-waitall-check"])
             assert res.returncode == 0 and "acceleration on" in res.stdout, res.stdout + res.stderr
         a, b = Pair(pod_a), Pair(pod_b)
         try:

@@ -24,7 +24,8 @@ from tests.podenv import Cluster, bpffs_mount
 
 pytestmark = pytest.mark.kernel
 PY = sys.executable
-ACCEL = agentrun.TEMPLATE_ARGS + ["--accelerate", "--accelerate-skip-splice-check"]
+ACCEL = agentrun.TEMPLATE_ARGS + ["--accelerate", "--accelerate-skip-splice-check",
+                                  "--accelerate-skip-waitall-check"]
 CHUNKS = ["first-", "second-", "third"]
 
 # argv[1]: "plain" | "defer-accept" | "fastopen". A listener on the proxy's 127.0.0.1:15001 and a client

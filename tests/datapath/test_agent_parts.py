@@ -59,21 +59,34 @@ def test_accelerate_falls_back_and_says_so_when_splice_stalls():
 def test_backpressure_part_passes_because_sk_msg_bounds_what_a_peer_holds():
     """With splice waived, the backpressure part decides. The kernel alone never stops the writer
     (test_accel_backpressure.py), but bpf/accel.c's bound does, at the offset taken from the kernel's BTF."""
-    stdout, out = setup_fresh_pod(["--accelerate", "--accelerate-skip-splice-check"])
+    stdout, out = setup_fresh_pod(["--accelerate", "--accelerate-skip-splice-check", "--accelerate-skip-waitall-check"])
     assert "acceleration on" in stdout and "backpressure after" in stdout, out
 
 
 @pytest.mark.kernel
+def test_accelerate_falls_back_and_says_so_when_msg_waitall_is_ignored():
+    """With splice waived, MSG_WAITALL decides: on this machine's kernel a MSG_WAITALL read on an
+    accelerated socket returns what the redirected queue holds, and the self-test catches it."""
+    _, out = setup_fresh_pod(["--accelerate", "--accelerate-skip-splice-check"])
+    if "acceleration on" in out:          # a kernel whose tcp_bpf honours MSG_WAITALL and SO_RCVLOWAT
+        assert "MSG_WAITALL and SO_RCVLOWAT honoured" in out, out
+    else:
+        assert "acceleration self-test failed: recv(MSG_WAITALL) of 256 KiB returned" in out, out
+        assert "running without acceleration" in out, out
+
+
+@pytest.mark.kernel
 @pytest.mark.parametrize("flags, env", [
-    # what bpfinit.io/accelerate-skip-splice-check and ...-skip-backpressure-check become
-    (["--accelerate-skip-splice-check", "--accelerate-skip-backpressure-check"], {}),
-    ([], {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1", "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK": "true"}),
+    # what the bpfinit.io/accelerate-skip-{splice,backpressure,waitall}-check annotations become
+    (["--accelerate-skip-splice-check", "--accelerate-skip-backpressure-check", "--accelerate-skip-waitall-check"], {}),
+    ([], {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1", "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK": "true",
+          "BPFINIT_ACCEL_SKIP_WAITALL_CHECK": "1"}),
 ], ids=["flag", "env"])
-def test_accelerate_with_both_checks_waived_turns_on(flags, env):
+def test_accelerate_with_every_check_waived_turns_on_and_says_so(flags, env):
     stdout, out = setup_fresh_pod(["--accelerate", *flags], env)
     assert "acceleration on" in stdout, out
-    assert "splice(2) NOT checked: waived by the operator" in stdout, out
-    assert "backpressure NOT checked: waived by the operator" in stdout, out
+    for waived in ("splice(2)", "backpressure", "MSG_WAITALL / SO_RCVLOWAT"):
+        assert f"{waived} NOT checked: waived by the operator" in stdout, out
 
 
 def _listener() -> socket.socket:
@@ -94,6 +107,14 @@ def test_backpressure_check_passes_on_plain_tcp():
     assert 0 < queued_kib * 1024 <= accel.tcp_queue_max() < accel.backpressure_limit()
 
 
+def test_min_reads_check_passes_on_plain_tcp():
+    """The MSG_WAITALL / SO_RCVLOWAT check itself against plain loopback TCP (no BPF here): both honoured."""
+    with _listener() as srv:
+        ok, why = accel.min_reads_hold(srv, srv.getsockname()[1], time.monotonic() + 5,
+                                       require_acceleration=False)
+    assert ok and why == "MSG_WAITALL and SO_RCVLOWAT honoured", why
+
+
 def test_self_test_fails_when_bytes_cross_lo():
     """Without BPF the self-test's connection is plain TCP: its bytes cross lo, so it is not accelerated,
     and the backpressure connection is refused for the same reason (it would prove nothing)."""
@@ -104,6 +125,9 @@ def test_self_test_fails_when_bytes_cross_lo():
     with _listener() as srv:
         ok, why = accel.backpressure_holds(srv, srv.getsockname()[1], time.monotonic() + 5)
     assert not ok and "backpressure connection was not accelerated" in why, why
+    with _listener() as srv:
+        ok, why = accel.min_reads_hold(srv, srv.getsockname()[1], time.monotonic() + 5)
+    assert not ok and "MSG_WAITALL connection was not accelerated" in why, why
 
 
 @pytest.mark.kernel

@@ -27,6 +27,8 @@ GOOD = [
     ("bpfinit.io/accelerate-skip-splice-check", "false"),
     ("bpfinit.io/accelerate-skip-backpressure-check", "true"),
     ("bpfinit.io/accelerate-skip-backpressure-check", "false"),
+    ("bpfinit.io/accelerate-skip-waitall-check", "true"),
+    ("bpfinit.io/accelerate-skip-waitall-check", "false"),
     ("bpfinit.io/dns-capture", "false"),
     ("bpfinit.io/status", '{"version":1}'),
     ("unrelated/annotation", "anything at all"),
@@ -59,6 +61,9 @@ BAD = [
     ("bpfinit.io/accelerate-skip-backpressure-check", "1", 'must be "true" or "false"'),
     ("bpfinit.io/accelerate-skip-backpressure-check", "yes", 'must be "true" or "false"'),
     ("bpfinit.io/accelerate-skip-backpressure-check", "", 'must be "true" or "false"'),
+    ("bpfinit.io/accelerate-skip-waitall-check", "1", 'must be "true" or "false"'),
+    ("bpfinit.io/accelerate-skip-waitall-check", "yes", 'must be "true" or "false"'),
+    ("bpfinit.io/accelerate-skip-waitall-check", "", 'must be "true" or "false"'),
     ("bpfinit.io/status", "not json", "JSON record"),
 ]
 

@@ -240,14 +240,62 @@ def test_skip_backpressure_check_false_beats_the_env():
     assert not any(a.startswith("--accelerate-skip-backpressure-check") for a in agent_of(no_annotation)["args"])
 
 
-def test_both_waivers_in_a_fixed_order_splice_first():
+SKIP_WAITALL = "bpfinit.io/accelerate-skip-waitall-check"
+
+
+def test_skip_waitall_check_annotation_becomes_agent_flag_once_even_on_remutation():
     pod = hello()
-    # annotation insertion order must not matter: backpressure given first, splice still comes first
-    pod["metadata"]["annotations"].update({SKIP_BACKPRESSURE: "false", "bpfinit.io/accelerate": "true",
-                                           SKIP_SPLICE: "true", "bpfinit.io/dns-capture": "true"})
+    pod["metadata"]["annotations"].update({"bpfinit.io/accelerate": "true", SKIP_WAITALL: "true"})
+    result = mutate(pod, SETTINGS)
+    assert result.outcome == "swapped"
+    after = apply(pod, result)
+    assert agent_of(after)["args"][-2:] == ["--accelerate", "--accelerate-skip-waitall-check"]
+    # reinvocation: already swapped, nothing added
+    again = mutate(after, SETTINGS)
+    assert (again.outcome, again.patch) == ("already-swapped", [])
+    # Istio re-renders istio-init after us: the fresh swap carries the flag exactly once
+    reinjected = copy.deepcopy(after)
+    index = next(i for i, c in enumerate(reinjected["spec"]["initContainers"]) if c["name"] == "istio-init")
+    reinjected["spec"]["initContainers"][index] = copy.deepcopy(agent_of(pod))
+    final = apply(reinjected, mutate(reinjected, SETTINGS))
+    assert agent_of(final)["args"] == agent_of(after)["args"]
+    assert agent_of(final)["args"].count("--accelerate-skip-waitall-check") == 1
+
+
+def test_skip_waitall_check_is_passed_even_without_accelerate_annotation():
+    """Acceleration may come from BPFINIT_ACCELERATE in proxyMetadata, which the webhook does not judge:
+    the waiver is passed as asked, and the agent ignores it when acceleration is off."""
+    pod = hello()
+    pod["metadata"]["annotations"][SKIP_WAITALL] = "true"
+    result = mutate(pod, SETTINGS)
+    assert result.outcome == "swapped"
+    after = apply(pod, result)
+    assert agent_of(after)["args"][-1] == "--accelerate-skip-waitall-check"
+    assert "--accelerate" not in agent_of(after)["args"]
+    assert json.loads(after["metadata"]["annotations"]["bpfinit.io/status"])["accelerate"] is False
+
+
+def test_skip_waitall_check_false_beats_the_env():
+    pod = hello()
+    pod["metadata"]["annotations"][SKIP_WAITALL] = "false"
+    agent_of(pod).setdefault("env", []).append({"name": "BPFINIT_ACCEL_SKIP_WAITALL_CHECK", "value": "1"})
     after = apply(pod, mutate(pod, SETTINGS))
-    assert agent_of(after)["args"][-4:] == ["--accelerate", "--accelerate-skip-splice-check",
-                                            "--accelerate-skip-backpressure-check=false", "--redirect-dns=true"]
+    assert agent_of(after)["args"][-1] == "--accelerate-skip-waitall-check=false"
+    no_annotation = apply(hello(), mutate(hello(), SETTINGS))
+    assert not any(a.startswith("--accelerate-skip-waitall-check") for a in agent_of(no_annotation)["args"])
+
+
+def test_all_waivers_in_a_fixed_order_splice_first_waitall_last():
+    pod = hello()
+    # annotation insertion order must not matter: waitall and backpressure given first, splice still comes
+    # first and waitall last
+    pod["metadata"]["annotations"].update({SKIP_WAITALL: "true", SKIP_BACKPRESSURE: "false",
+                                           "bpfinit.io/accelerate": "true", SKIP_SPLICE: "true",
+                                           "bpfinit.io/dns-capture": "true"})
+    after = apply(pod, mutate(pod, SETTINGS))
+    assert agent_of(after)["args"][-5:] == ["--accelerate", "--accelerate-skip-splice-check",
+                                            "--accelerate-skip-backpressure-check=false",
+                                            "--accelerate-skip-waitall-check", "--redirect-dns=true"]
 
 
 def test_egress_allow_list_becomes_agent_flag():
@@ -275,6 +323,7 @@ def test_bad_egress_allow_value_leaves_pod_with_warning_not_broken_agent():
     ("bpfinit.io/accelerate", "yes"),
     ("bpfinit.io/accelerate-skip-splice-check", "True"),
     ("bpfinit.io/accelerate-skip-backpressure-check", "True"),
+    ("bpfinit.io/accelerate-skip-waitall-check", "True"),
 ])
 def test_bad_annotation_values_deny_naming_annotation_and_value(key, value):
     pod = hello()
