@@ -132,8 +132,9 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
         bi_peer_has_room(&peer, size) &&
         bi_accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS)
         return SK_PASS;   /* redirected into the peer's receive queue */
-    /* A miss (the peer's PASSIVE_ESTABLISHED has not run yet, e.g. behind TCP_DEFER_ACCEPT, or it is gone):
-     * this message takes the normal path, never a drop, and so does every later one. */
+    /* A miss (the peer's PASSIVE_ESTABLISHED has not run yet, e.g. behind TCP_DEFER_ACCEPT, or it is gone)
+     * or a peer holding too much unread: this message takes the normal path, never a drop, and so does
+     * every later one. */
     st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (st)
         st->tcp_sent = 1;
