@@ -55,13 +55,25 @@ static __always_inline int bi_on_loopback(const struct bi_sock_key *key)
     return same || lo || bi_is_passthrough(AF_INET6, r) || bi_is_passthrough(AF_INET6, l);
 }
 
+#if defined(BPFINIT_EVENTS_HELPERS)
+/* A flow from a socket's own key (local end = source), for the acceleration's events. */
+static __always_inline void bi_flow_from_sock_key(struct flow_tuple *t, const struct bi_sock_key *key)
+{
+    flow_zero(t);
+    t->family = key->family;
+    t->l4_proto = OBS_IPPROTO_TCP;
+    t->src_port = key->lport;
+    t->dst_port = t->orig_dst_port = key->rport;
+    for (int i = 0; i < 4; i++) {
+        t->src_addr[i] = key->local[i];
+        t->dst_addr[i] = t->orig_dst_addr[i] = key->remote[i];
+    }
+}
+#endif
+
 static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, struct pod_cfg *cfg)
 {
     if (!(cfg->flags & CFG_ACCELERATE))
-        return;
-    /* Bytes already went by TCP (TCP Fast Open data in the SYN): redirecting the later ones would let
-     * them overtake those, so this connection stays on TCP (its peer's sk_msg then misses, see below). */
-    if (skops->data_segs_out || skops->data_segs_in)
         return;
     struct bi_sock_key key = {};
     /* Unconditional loads: an if/else makes clang load through a selected ctx pointer, which the
@@ -79,6 +91,15 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
                   bi_is_passthrough(key.family, key.local) || bi_is_passthrough(key.family, key.remote);
     if (!outbound && !inbound)
         return;
+    /* Bytes already went by TCP (TCP Fast Open data in the SYN): redirecting the later ones would let
+     * them overtake those, so this connection stays on TCP (its peer's sk_msg then misses, see below). */
+    if (skops->data_segs_out || skops->data_segs_in) {
+        BI_TUPLE(t);
+        BI_FLOW(bi_flow_from_sock_key, t, &key);
+        BI_RECORD(skops, cfg->pod_idx, outbound ? DIR_OUTBOUND : DIR_INBOUND, VERDICT_REDIRECTED,
+                  REASON_ACCEL_TCP_PATH, t);
+        return;
+    }
     long rc = bi_accel_socks.sock_hash_update(skops, &key, BPF_NOEXIST);   /* (bcc: keep as a statement) */
     if (rc == 0) {
         __u64 addr = (__u64)skops->sk;
@@ -138,6 +159,23 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
     st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (st)
         st->tcp_sent = 1;
+    __u64 ns = bpf_get_netns_cookie(msg);
+    struct pod_cfg *cfg = pod_by_netns.lookup(&ns);
+    if (cfg && peer.family) {
+        /* the sender's own view: its local end is the peer key's remote one */
+        struct bi_sock_key own = peer;
+        own.lport = peer.rport;
+        own.rport = peer.lport;
+        for (int i = 0; i < 4; i++) {
+            own.local[i] = peer.remote[i];
+            own.remote[i] = peer.local[i];
+        }
+        int outbound = own.lport == cfg->proxy_port || own.rport == cfg->proxy_port;
+        BI_TUPLE(t);
+        BI_FLOW(bi_flow_from_sock_key, t, &own);
+        BI_RECORD(msg, cfg->pod_idx, outbound ? DIR_OUTBOUND : DIR_INBOUND, VERDICT_REDIRECTED,
+                  REASON_ACCEL_TCP_PATH, t);
+    }
     return SK_PASS;
 }
 

@@ -32,7 +32,8 @@
  *  - Reasons: REASON_NONE for the normal outcome (REDIRECTED by default rules, CAPTURED inbound port).
  *    BYPASSED always names why (excluded_cidr, proxy_uid, ...). DENIED uses REASON_EGRESS_POLICY (REASON_SOCKET_TYPE for a refused socket()),
  *    REFUSED uses REASON_PROXY_NOT_LISTENING. DNS capture: DIR_DNS + VERDICT_REDIRECTED + REASON_DNS.
- *    Sockmap acceleration hit: VERDICT_REDIRECTED + REASON_ACCEL. Add new reasons at the END of the
+ *    Sockmap acceleration hit: VERDICT_REDIRECTED + REASON_ACCEL; a connection that leaves it for TCP for
+ *    good: VERDICT_REDIRECTED + REASON_ACCEL_TCP_PATH (its bytes still reach the proxy). Add new reasons at the END of the
  *    list and to REASON_NAMES in initagent/obsmaps.py (user space decodes by number; a test checks).
  *
  * BUILD NOTES
@@ -89,7 +90,8 @@
 #define REASON_PROTOCOL       20  /* protocol not captured (e.g. non-DNS UDP) */
 #define REASON_INTERNAL_ERROR 21  /* a map operation failed; the decision taken is in verdict */
 #define REASON_SOCKET_TYPE    22  /* egress guard: socket() of a kind no connect/sendmsg hook sees (raw, UDP-Lite, SCTP...) */
-#define REASON__COUNT         23
+#define REASON_ACCEL_TCP_PATH 23  /* an app<->proxy connection left acceleration for TCP (order, full peer, Fast Open) */
+#define REASON__COUNT         24
 /* Synonyms (same numbers) so both spellings in use compile. */
 #define REASON_INTERFACE          REASON_EXCLUDED_IFACE
 #define REASON_PASSTHROUGH_SOURCE REASON_PASSTHROUGH_SRC

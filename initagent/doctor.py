@@ -73,7 +73,7 @@ HELPER_NEEDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("accel.c", "sock_ops", ("get_netns_cookie", "sock_hash_update", "map_lookup_elem", "map_update_elem",
                            EVENTS)),
     ("accel.c", "sk_msg", ("get_netns_cookie", "msg_redirect_hash", "sk_storage_get", "map_lookup_elem",
-                         "probe_read_kernel")),
+                         "probe_read_kernel", EVENTS)),
     ("sock_create.c", "cgroup_sock", ("get_netns_cookie", "get_current_uid_gid", "map_lookup_elem", EVENTS)),
     ("getpeername.c", "cgroup_sock_addr", ("get_netns_cookie", "sk_storage_get", "map_lookup_elem")),
 )

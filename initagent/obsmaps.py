@@ -24,7 +24,7 @@ REASON_NAMES = {
     5: "proxy_gid", 6: "loopback", 7: "owner_group", 8: "local_destination", 9: "excluded_cidr",
     10: "included_port", 11: "included_cidr", 12: "not_included", 13: "hairpin", 14: "egress_policy",
     15: "ipv6_disabled", 16: "dns", 17: "proxy_not_listening", 18: "accel", 19: "tunnel_port",
-    20: "protocol", 21: "internal_error", 22: "socket_type",
+    20: "protocol", 21: "internal_error", 22: "socket_type", 23: "accel_tcp_path",
 }
 STAT_NAMES = {0: "emitted", 1: "lost", 2: "suppressed", 3: "counter_full"}
 # Hubble's spellings; other protocols (raw sockets denied at socket(), reason socket_type) show as numbers.

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from initagent import accel
+from initagent import accel, counters
 from tests.datapath import agentrun
 from tests.podenv import Cluster, bpffs_mount
 
@@ -91,7 +91,12 @@ def test_writer_blocks_when_its_peer_stops_reading_and_the_stream_stays_in_order
         run = pod.run([PY, "-c", STREAM], uid=1337, gid=1337, timeout=60)
         assert run.returncode == 0, run.stderr
         out = json.loads(run.stdout)
+        (pod_counters,) = counters.pod_counters(bpffs)
+        by_reason = {(r["direction"], r["verdict"], r["reason"]): r["count"] for r in pod_counters["counters"]}
     assert out["first_block_lo"] < (1 << 20) // 4, out               # the first MiB was redirected
     # bounded: the peer's 8 MiB plus what TCP itself holds once the connection has switched to it
     assert 0 < out["queued_before_eagain"] <= QUEUE_MAX + accel.tcp_queue_max(), out
     assert out["received"] == out["sent"] and out["in_order"], out
+    # kernel-level counters: both ends accelerated, then the writer's connection left for TCP once
+    assert by_reason.get(("OUTBOUND", "REDIRECTED", "accel"), 0) >= 2, by_reason
+    assert by_reason.get(("OUTBOUND", "REDIRECTED", "accel_tcp_path")) == 1, by_reason

@@ -19,6 +19,7 @@ import sys
 
 import pytest
 
+from initagent import counters
 from tests.datapath import agentrun
 from tests.podenv import Cluster, bpffs_mount
 
@@ -74,17 +75,34 @@ def accelerated_pod():
         pod.run(["sysctl", "-qw", "net.ipv4.tcp_fastopen=519"], check=True)
         res = agentrun.setup(pod, bpffs, ACCEL)
         assert res.returncode == 0 and "acceleration on" in res.stdout, res.stdout + res.stderr
-        yield pod
+        yield pod, bpffs
+
+
+def tcp_path_count(bpffs) -> int:
+    """REDIRECTED/accel_tcp_path: connections of the (only) pod that left acceleration for TCP. A pod shows
+    up in the counters with its first counted decision."""
+    pods = counters.pod_counters(bpffs)
+    assert len(pods) <= 1, pods
+    return sum(r["count"] for pod in pods for r in pod["counters"]
+               if (r["verdict"], r["reason"]) == ("REDIRECTED", "accel_tcp_path"))
 
 
 def test_control_connection_is_accelerated(accelerated_pod):
-    before = accelerated_pod.lo_tx_bytes()
-    assert _stream(accelerated_pod, "plain") == "".join(CHUNKS)
+    pod, bpffs = accelerated_pod
+    before, left_before = pod.lo_tx_bytes(), tcp_path_count(bpffs)
+    assert _stream(pod, "plain") == "".join(CHUNKS)
     # the handshake and teardown still cross lo (~10 packets); the 18 payload bytes would add 3 more
     # packets, 66+ bytes each, so the bound tells a redirected stream from a TCP one
-    assert accelerated_pod.lo_tx_bytes() - before < 10 * 80
+    assert pod.lo_tx_bytes() - before < 10 * 80
+    assert tcp_path_count(bpffs) == left_before
 
 
 @pytest.mark.parametrize("mode", ["defer-accept", "fastopen"])
 def test_bytes_that_took_tcp_first_are_never_overtaken(accelerated_pod, mode):
-    assert _stream(accelerated_pod, mode) == "".join(CHUNKS)
+    pod, bpffs = accelerated_pod
+    left_before = tcp_path_count(bpffs)
+    assert _stream(pod, mode) == "".join(CHUNKS)
+    # and the kernel-level counters say so, once per socket that left (sockops: it had moved data by
+    # ESTABLISHED; sk_msg: its write found no peer). Here defer-accept counts 2 (the proxy's socket is born
+    # with the data, and the client's first write misses), Fast Open 1 (the client's SYN carried data).
+    assert tcp_path_count(bpffs) - left_before == (2 if mode == "defer-accept" else 1)
