@@ -56,18 +56,27 @@ static __always_inline int bi_on_loopback(const struct bi_sock_key *key)
 }
 
 #if defined(BPFINIT_EVENTS_HELPERS)
-/* A flow from a socket's own key (local end = source), for the acceleration's events. */
-static __always_inline void bi_flow_from_sock_key(struct flow_tuple *t, const struct bi_sock_key *key)
+/* A flow for the acceleration's events from a sockhash key: the socket's own key (its local end is the
+ * source), or, from sk_msg, its peer's key (the peer's remote end is the source). */
+static __always_inline void bi_flow_from_key(struct flow_tuple *t, const struct bi_sock_key *key, int peer)
 {
     flow_zero(t);
     t->family = key->family;
     t->l4_proto = OBS_IPPROTO_TCP;
-    t->src_port = key->lport;
-    t->dst_port = t->orig_dst_port = key->rport;
+    t->src_port = peer ? key->rport : key->lport;
+    t->dst_port = t->orig_dst_port = peer ? key->lport : key->rport;
     for (int i = 0; i < 4; i++) {
-        t->src_addr[i] = key->local[i];
-        t->dst_addr[i] = t->orig_dst_addr[i] = key->remote[i];
+        t->src_addr[i] = peer ? key->remote[i] : key->local[i];
+        t->dst_addr[i] = t->orig_dst_addr[i] = peer ? key->local[i] : key->remote[i];
     }
+}
+static __always_inline void bi_flow_from_own_key(struct flow_tuple *t, const struct bi_sock_key *key)
+{
+    bi_flow_from_key(t, key, 0);
+}
+static __always_inline void bi_flow_from_peer_key(struct flow_tuple *t, const struct bi_sock_key *key)
+{
+    bi_flow_from_key(t, key, 1);
 }
 #endif
 
@@ -95,7 +104,7 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
      * them overtake those, so this connection stays on TCP (its peer's sk_msg then misses, see below). */
     if (skops->data_segs_out || skops->data_segs_in) {
         BI_TUPLE(t);
-        BI_FLOW(bi_flow_from_sock_key, t, &key);
+        BI_FLOW(bi_flow_from_own_key, t, &key);
         BI_RECORD(skops, cfg->pod_idx, outbound ? DIR_OUTBOUND : DIR_INBOUND, VERDICT_REDIRECTED,
                   REASON_ACCEL_TCP_PATH, t);
         return;
@@ -162,17 +171,9 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
     __u64 ns = bpf_get_netns_cookie(msg);
     struct pod_cfg *cfg = pod_by_netns.lookup(&ns);
     if (cfg && peer.family) {
-        /* the sender's own view: its local end is the peer key's remote one */
-        struct bi_sock_key own = peer;
-        own.lport = peer.rport;
-        own.rport = peer.lport;
-        for (int i = 0; i < 4; i++) {
-            own.local[i] = peer.remote[i];
-            own.remote[i] = peer.local[i];
-        }
-        int outbound = own.lport == cfg->proxy_port || own.rport == cfg->proxy_port;
+        int outbound = peer.lport == cfg->proxy_port || peer.rport == cfg->proxy_port;
         BI_TUPLE(t);
-        BI_FLOW(bi_flow_from_sock_key, t, &own);
+        BI_FLOW(bi_flow_from_peer_key, t, &peer);
         BI_RECORD(msg, cfg->pod_idx, outbound ? DIR_OUTBOUND : DIR_INBOUND, VERDICT_REDIRECTED,
                   REASON_ACCEL_TCP_PATH, t);
     }

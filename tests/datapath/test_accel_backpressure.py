@@ -10,12 +10,14 @@ arrives in order across the switch from redirected to TCP.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
 
 from initagent import accel, counters
 from tests.datapath import agentrun
+from tests.datapath.agentrun import REPO
 from tests.podenv import Cluster, bpffs_mount
 
 pytestmark = pytest.mark.kernel
@@ -77,7 +79,7 @@ sent_total = sent + (4 << 20)
 t = threading.Thread(target=drain); t.start()
 send(4 << 20); t.join(20)
 print(json.dumps({"first_block_lo": first_block_lo, "queued_before_eagain": queued, "sent": sent,
-                  "received": received, "in_order": ok}), flush=True)
+                  "received": received, "in_order": ok, "writer_port": cli.getsockname()[1]}), flush=True)
 """
 
 
@@ -93,6 +95,10 @@ def test_writer_blocks_when_its_peer_stops_reading_and_the_stream_stays_in_order
         out = json.loads(run.stdout)
         (pod_counters,) = counters.pod_counters(bpffs)
         by_reason = {(r["direction"], r["verdict"], r["reason"]): r["count"] for r in pod_counters["counters"]}
+        observed = subprocess.run([PY, "-m", "initagent.cli", "observe", "--bpffs", str(bpffs), "--reason",
+                                   "accel_tcp_path"], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert observed.returncode == 0, observed.stderr
+        flows = [json.loads(line)["flow"] for line in observed.stdout.splitlines()]
     assert out["first_block_lo"] < (1 << 20) // 4, out               # the first MiB was redirected
     # bounded: the peer's 8 MiB plus what TCP itself holds once the connection has switched to it
     assert 0 < out["queued_before_eagain"] <= QUEUE_MAX + accel.tcp_queue_max(), out
@@ -100,3 +106,8 @@ def test_writer_blocks_when_its_peer_stops_reading_and_the_stream_stays_in_order
     # kernel-level counters: both ends accelerated, then the writer's connection left for TCP once
     assert by_reason.get(("OUTBOUND", "REDIRECTED", "accel"), 0) >= 2, by_reason
     assert by_reason.get(("OUTBOUND", "REDIRECTED", "accel_tcp_path")) == 1, by_reason
+    # and an event names the writer's socket: from its own port to the proxy port. (The agent's self-test ran
+    # into the same bound in this netns; setup restarts the pod's counters after it, but its event stays.)
+    ours = [(f["verdict"], f["IP"]["source"], f["IP"]["destination"], f["l4"]["TCP"]["destination_port"])
+            for f in flows if f["l4"]["TCP"]["source_port"] == out["writer_port"]]
+    assert ours == [("REDIRECTED", "127.0.0.1", "127.0.0.1", 15001)], flows
