@@ -24,6 +24,8 @@ ANNOTATION_KEYS = [
     "traffic.sidecar.istio.io/excludeInterfaces", "traffic.sidecar.istio.io/kubevirtInterfaces",
     "istio.io/reroute-virtual-interfaces", "status.sidecar.istio.io/port", "sidecar.istio.io/interceptionMode",
     "proxy.istio.io/config", "bpfinit.io/inject", "bpfinit.io/accelerate", "bpfinit.io/dns-capture",
+    "bpfinit.io/accelerate-skip-splice-check", "bpfinit.io/accelerate-skip-backpressure-check",
+    "bpfinit.io/accelerate-skip-waitall-check",
     "bpfinit.io/status", "odd~key/with/slash", "~1", "kubernetes.io/config.mirror",
 ]
 port = st.integers(0, 70000).map(str)
