@@ -5,7 +5,8 @@ splice() interactions; ebpf-landscape.md §4). So it is switched on for a pod on
   1. the kernel passes a version gate, and
   2. a start-up self-test in the pod itself passes: app<->proxy-port loopback connection, keep-alive
      (several exchanges on one connection), a response of several MB, and the receiver reading it
-     with splice(2), all byte-exact and within a deadline, with both sockets really in the sockhash.
+     with splice(2), all byte-exact and within a deadline, and none of it crossing lo (so it really
+     was accelerated). The test's other connections must not cross lo either. It checks that
   3. backpressure holds: a second accelerated connection whose receiver stops reading must stop taking
      bytes, as TCP does at its socket buffers. The kernel's sk_msg ingress path charges only the global TCP
      memory limit, not the receiver's buffer (this machine's 6.18 too); bpf/accel.c bounds it with the
@@ -37,7 +38,7 @@ from pathlib import Path
 MIN_KERNEL = (5, 15)            # bpf_get_netns_cookie in sk_msg (the key's netns); sockhash + redirect fixes
 SELFTEST_SIZES = (100, 4 * 1024 * 1024, 100)
 SELFTEST_DEADLINE_S = 5.0
-# Said in the "acceleration on" line whenever the operator waived the splice part: never silent.
+# Said in the "acceleration on" line whenever the operator waived a part: never silent.
 SPLICE_WAIVED = ("splice(2) NOT checked: waived by the operator (--accelerate-skip-splice-check / "
                  "BPFINIT_ACCEL_SKIP_SPLICE_CHECK / bpfinit.io/accelerate-skip-splice-check)")
 BACKPRESSURE_WAIVED = ("backpressure NOT checked: waived by the operator (--accelerate-skip-backpressure-check / "
