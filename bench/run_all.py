@@ -16,6 +16,12 @@ BENCHMARKS = [
     ("connect cost vs exclusion CIDRs", ["cidr_scale.py"]),
     ("datapath: no mesh / floor / iptables / bpfinit / accel", ["datapath.py"]),
     ("kernel cost of the programs per proxied request", ["bpf_cost.py"]),
+    ("... with acceleration, keep-alive (sk_msg)", ["bpf_cost.py", "--config", "D_bpfinit_accel", "--mode",
+                                                     "keepalive", "--out",
+                                                     str(HERE / "results" / "bpf_cost_D_keepalive.json")]),
+    ("... with acceleration, new connection per request (sockhash inserts)",
+     ["bpf_cost.py", "--config", "D_bpfinit_accel", "--mode", "close", "--out",
+      str(HERE / "results" / "bpf_cost_D_close.json")]),
     ("cost of decision events", ["events_overhead.py", "--json", str(HERE / "results" / "events_overhead.json")]),
 ]
 
