@@ -171,110 +171,48 @@ def test_own_flags_and_tproxy():
     assert parse(["-m", "TPROXY"], {}, supported=lambda c: ()).unsupported == ()
 
 
-def test_accelerate_skip_splice_check_flag_env_and_round_trip():
-    assert not parse(["--accelerate"], {}).accelerate_skip_splice_check            # off by default
-    cfg = parse(["--accelerate", "--accelerate-skip-splice-check"], {})
-    assert cfg.accelerate and cfg.accelerate_skip_splice_check
-    # the env alias keeps the historical BPFINIT_ACCEL_SKIP_SPLICE_CHECK=1 working, and "true" too
+# The acceleration self-test waivers: (flag, config field, env alias)
+WAIVERS = [("accelerate-skip-splice-check", "accelerate_skip_splice_check", "BPFINIT_ACCEL_SKIP_SPLICE_CHECK"),
+           ("accelerate-skip-backpressure-check", "accelerate_skip_backpressure_check",
+            "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK"),
+           ("accelerate-skip-waitall-check", "accelerate_skip_waitall_check", "BPFINIT_ACCEL_SKIP_WAITALL_CHECK")]
+waivers = pytest.mark.parametrize("flag, field, env_name", WAIVERS, ids=["splice", "backpressure", "waitall"])
+
+
+@waivers
+def test_accelerate_waiver_flag_and_env(flag, field, env_name):
+    assert not getattr(parse(["--accelerate"], {}), field)                        # off by default
+    cfg = parse(["--accelerate", f"--{flag}"], {})
+    assert cfg.accelerate and getattr(cfg, field)
+    # independent waivers: this one sets no other
+    assert [f for _, f, _ in WAIVERS if getattr(cfg, f)] == [field]
+    # the env alias (BPFINIT_ACCEL_SKIP_SPLICE_CHECK=1 is historical) takes "1" and "true"
     for value in ("1", "true"):
-        assert parse(["--accelerate"], {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": value}).accelerate_skip_splice_check
-    assert not parse(["--accelerate"], {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "0"}).accelerate_skip_splice_check
+        assert getattr(parse(["--accelerate"], {env_name: value}), field)
+    assert not getattr(parse(["--accelerate"], {env_name: "0"}), field)
     # CLI > env: an explicit false (the webhook's annotation "false") beats the env
-    env = {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "1"}
-    assert not parse(["--accelerate-skip-splice-check=false"], env).accelerate_skip_splice_check
-    bad = parse([], {"BPFINIT_ACCEL_SKIP_SPLICE_CHECK": "yes"})
-    assert not bad.accelerate_skip_splice_check and any("BPFINIT_ACCEL_SKIP_SPLICE_CHECK" in w for w in bad.warnings)
-    with pytest.raises(FlagError, match="accelerate-skip-splice-check"):
-        parse(["--accelerate-skip-splice-check=maybe"], {})
-    # round trip: the args the webhook appends parse back to the same config, and to_dict shows it
-    argv = TEMPLATE_ARGS[1:] + ["--accelerate", "--accelerate-skip-splice-check"]
-    assert parse(argv, {}) == parse(TEMPLATE_ARGS + ["--accelerate", "--accelerate-skip-splice-check=true"], {})
-    assert parse(argv, {}).to_dict()["accelerate_skip_splice_check"] is True
+    assert not getattr(parse([f"--{flag}=false"], {env_name: "1"}), field)
+    bad = parse([], {env_name: "yes"})
+    assert not getattr(bad, field) and any(env_name in w for w in bad.warnings)
+    with pytest.raises(FlagError, match=flag):
+        parse([f"--{flag}=maybe"], {})
 
 
-def test_skip_splice_check_without_accelerate_is_harmless():
-    """Meaningless without --accelerate: accepted, no error, no warning, nothing unsupported (the agent only
-    looks at it inside the acceleration self-test, which does not run)."""
-    cfg = parse(["--accelerate-skip-splice-check"], {})
-    assert cfg.accelerate_skip_splice_check and not cfg.accelerate
-    assert (cfg.warnings, cfg.unsupported) == ((), ())
-
-
-def test_accelerate_skip_backpressure_check_flag_env_and_round_trip():
-    assert not parse(["--accelerate"], {}).accelerate_skip_backpressure_check      # off by default
-    cfg = parse(["--accelerate", "--accelerate-skip-backpressure-check"], {})
-    assert cfg.accelerate and cfg.accelerate_skip_backpressure_check
-    assert not cfg.accelerate_skip_splice_check                                   # independent waivers
-    assert not parse(["--accelerate", "--accelerate-skip-splice-check"], {}).accelerate_skip_backpressure_check
-    # the env alias takes the same values as the splice one: "1" and "true"
-    for value in ("1", "true"):
-        env = {"BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK": value}
-        assert parse(["--accelerate"], env).accelerate_skip_backpressure_check
-    env = {"BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK": "0"}
-    assert not parse(["--accelerate"], env).accelerate_skip_backpressure_check
-    # CLI > env: an explicit false (the webhook's annotation "false") beats the env
-    env = {"BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK": "1"}
-    assert not parse(["--accelerate-skip-backpressure-check=false"], env).accelerate_skip_backpressure_check
-    bad = parse([], {"BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK": "yes"})
-    assert not bad.accelerate_skip_backpressure_check
-    assert any("BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK" in w for w in bad.warnings)
-    with pytest.raises(FlagError, match="accelerate-skip-backpressure-check"):
-        parse(["--accelerate-skip-backpressure-check=maybe"], {})
-    # round trip: the args the webhook appends (splice waiver first) parse back to the same config
-    argv = TEMPLATE_ARGS[1:] + ["--accelerate", "--accelerate-skip-splice-check",
-                                "--accelerate-skip-backpressure-check"]
-    assert parse(argv, {}) == parse(TEMPLATE_ARGS + ["--accelerate", "--accelerate-skip-splice-check=true",
-                                                     "--accelerate-skip-backpressure-check=true"], {})
+def test_accelerate_waivers_round_trip():
+    """The args the webhook appends (splice, backpressure, then waitall) parse back to the same config."""
+    flags = [f"--{flag}" for flag, _, _ in WAIVERS]
+    argv = TEMPLATE_ARGS[1:] + ["--accelerate", *flags]
+    assert parse(argv, {}) == parse(TEMPLATE_ARGS + ["--accelerate", *(f"{f}=true" for f in flags)], {})
     d = parse(argv, {}).to_dict()
-    assert d["accelerate_skip_splice_check"] is True and d["accelerate_skip_backpressure_check"] is True
+    assert all(d[field] is True for _, field, _ in WAIVERS)
 
 
-def test_skip_backpressure_check_without_accelerate_is_harmless():
+@waivers
+def test_accelerate_waiver_without_accelerate_is_harmless(flag, field, env_name):
     """Meaningless without --accelerate: accepted, no error, no warning, nothing unsupported (the agent only
     looks at it inside the acceleration self-test, which does not run)."""
-    cfg = parse(["--accelerate-skip-backpressure-check"], {})
-    assert cfg.accelerate_skip_backpressure_check and not cfg.accelerate
-    assert (cfg.warnings, cfg.unsupported) == ((), ())
-
-
-def test_accelerate_skip_waitall_check_flag_env_and_round_trip():
-    assert not parse(["--accelerate"], {}).accelerate_skip_waitall_check           # off by default
-    cfg = parse(["--accelerate", "--accelerate-skip-waitall-check"], {})
-    assert cfg.accelerate and cfg.accelerate_skip_waitall_check
-    assert not cfg.accelerate_skip_splice_check                                   # independent waivers
-    assert not cfg.accelerate_skip_backpressure_check
-    assert not parse(["--accelerate", "--accelerate-skip-splice-check"], {}).accelerate_skip_waitall_check
-    assert not parse(["--accelerate", "--accelerate-skip-backpressure-check"], {}).accelerate_skip_waitall_check
-    # the env alias takes the same values as the splice one: "1" and "true"
-    for value in ("1", "true"):
-        env = {"BPFINIT_ACCEL_SKIP_WAITALL_CHECK": value}
-        assert parse(["--accelerate"], env).accelerate_skip_waitall_check
-    env = {"BPFINIT_ACCEL_SKIP_WAITALL_CHECK": "0"}
-    assert not parse(["--accelerate"], env).accelerate_skip_waitall_check
-    # CLI > env: an explicit false (the webhook's annotation "false") beats the env
-    env = {"BPFINIT_ACCEL_SKIP_WAITALL_CHECK": "1"}
-    assert not parse(["--accelerate-skip-waitall-check=false"], env).accelerate_skip_waitall_check
-    bad = parse([], {"BPFINIT_ACCEL_SKIP_WAITALL_CHECK": "yes"})
-    assert not bad.accelerate_skip_waitall_check
-    assert any("BPFINIT_ACCEL_SKIP_WAITALL_CHECK" in w for w in bad.warnings)
-    with pytest.raises(FlagError, match="accelerate-skip-waitall-check"):
-        parse(["--accelerate-skip-waitall-check=maybe"], {})
-    # round trip: the args the webhook appends (splice, backpressure, then waitall waiver) parse back the same
-    argv = TEMPLATE_ARGS[1:] + ["--accelerate", "--accelerate-skip-splice-check",
-                                "--accelerate-skip-backpressure-check", "--accelerate-skip-waitall-check"]
-    assert parse(argv, {}) == parse(TEMPLATE_ARGS + ["--accelerate", "--accelerate-skip-splice-check=true",
-                                                     "--accelerate-skip-backpressure-check=true",
-                                                     "--accelerate-skip-waitall-check=true"], {})
-    d = parse(argv, {}).to_dict()
-    assert d["accelerate_skip_splice_check"] is True and d["accelerate_skip_backpressure_check"] is True
-    assert d["accelerate_skip_waitall_check"] is True
-
-
-def test_skip_waitall_check_without_accelerate_is_harmless():
-    """Meaningless without --accelerate: accepted, no error, no warning, nothing unsupported (the agent only
-    looks at it inside the acceleration self-test, which does not run)."""
-    cfg = parse(["--accelerate-skip-waitall-check"], {})
-    assert cfg.accelerate_skip_waitall_check and not cfg.accelerate
+    cfg = parse([f"--{flag}"], {})
+    assert getattr(cfg, field) and not cfg.accelerate
     assert (cfg.warnings, cfg.unsupported) == ((), ())
 
 

@@ -150,16 +150,24 @@ def test_bpfinit_annotations_become_agent_flags():
     assert json.loads(after["metadata"]["annotations"]["bpfinit.io/status"])["accelerate"] is False
 
 
-SKIP_SPLICE = "bpfinit.io/accelerate-skip-splice-check"
+# The acceleration self-test waivers: (pod annotation, agent flag, env alias the flag beats)
+WAIVERS = [
+    ("bpfinit.io/accelerate-skip-splice-check", "--accelerate-skip-splice-check", "BPFINIT_ACCEL_SKIP_SPLICE_CHECK"),
+    ("bpfinit.io/accelerate-skip-backpressure-check", "--accelerate-skip-backpressure-check",
+     "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK"),
+    ("bpfinit.io/accelerate-skip-waitall-check", "--accelerate-skip-waitall-check", "BPFINIT_ACCEL_SKIP_WAITALL_CHECK"),
+]
+waivers = pytest.mark.parametrize("annotation, flag, env", WAIVERS, ids=["splice", "backpressure", "waitall"])
 
 
-def test_skip_splice_check_annotation_becomes_agent_flag_once_even_on_remutation():
+@waivers
+def test_waiver_annotation_becomes_agent_flag_once_even_on_remutation(annotation, flag, env):
     pod = hello()
-    pod["metadata"]["annotations"].update({"bpfinit.io/accelerate": "true", SKIP_SPLICE: "true"})
+    pod["metadata"]["annotations"].update({"bpfinit.io/accelerate": "true", annotation: "true"})
     result = mutate(pod, SETTINGS)
     assert result.outcome == "swapped"
     after = apply(pod, result)
-    assert agent_of(after)["args"][-2:] == ["--accelerate", "--accelerate-skip-splice-check"]
+    assert agent_of(after)["args"][-2:] == ["--accelerate", flag]
     # reinvocation: already swapped, nothing added
     again = mutate(after, SETTINGS)
     assert (again.outcome, again.patch) == ("already-swapped", [])
@@ -169,128 +177,41 @@ def test_skip_splice_check_annotation_becomes_agent_flag_once_even_on_remutation
     reinjected["spec"]["initContainers"][index] = copy.deepcopy(agent_of(pod))
     final = apply(reinjected, mutate(reinjected, SETTINGS))
     assert agent_of(final)["args"] == agent_of(after)["args"]
-    assert agent_of(final)["args"].count("--accelerate-skip-splice-check") == 1
+    assert agent_of(final)["args"].count(flag) == 1
 
 
-def test_skip_splice_check_is_passed_even_without_accelerate_annotation():
+@waivers
+def test_waiver_is_passed_even_without_accelerate_annotation(annotation, flag, env):
     """Acceleration may come from BPFINIT_ACCELERATE in proxyMetadata, which the webhook does not judge:
     the waiver is passed as asked, and the agent ignores it when acceleration is off."""
     pod = hello()
-    pod["metadata"]["annotations"][SKIP_SPLICE] = "true"
+    pod["metadata"]["annotations"][annotation] = "true"
     result = mutate(pod, SETTINGS)
     assert result.outcome == "swapped"
     after = apply(pod, result)
-    assert agent_of(after)["args"][-1] == "--accelerate-skip-splice-check"
+    assert agent_of(after)["args"][-1] == flag
     assert "--accelerate" not in agent_of(after)["args"]
     assert json.loads(after["metadata"]["annotations"]["bpfinit.io/status"])["accelerate"] is False
 
 
-def test_skip_splice_check_false_beats_the_env():
+@waivers
+def test_waiver_false_beats_the_env(annotation, flag, env):
     pod = hello()
-    pod["metadata"]["annotations"][SKIP_SPLICE] = "false"
-    agent_of(pod).setdefault("env", []).append({"name": "BPFINIT_ACCEL_SKIP_SPLICE_CHECK", "value": "1"})
+    pod["metadata"]["annotations"][annotation] = "false"
+    agent_of(pod).setdefault("env", []).append({"name": env, "value": "1"})
     after = apply(pod, mutate(pod, SETTINGS))
-    assert agent_of(after)["args"][-1] == "--accelerate-skip-splice-check=false"
+    assert agent_of(after)["args"][-1] == f"{flag}=false"
     no_annotation = apply(hello(), mutate(hello(), SETTINGS))
-    assert not any(a.startswith("--accelerate-skip-splice-check") for a in agent_of(no_annotation)["args"])
-
-
-SKIP_BACKPRESSURE = "bpfinit.io/accelerate-skip-backpressure-check"
-
-
-def test_skip_backpressure_check_annotation_becomes_agent_flag_once_even_on_remutation():
-    pod = hello()
-    pod["metadata"]["annotations"].update({"bpfinit.io/accelerate": "true", SKIP_BACKPRESSURE: "true"})
-    result = mutate(pod, SETTINGS)
-    assert result.outcome == "swapped"
-    after = apply(pod, result)
-    assert agent_of(after)["args"][-2:] == ["--accelerate", "--accelerate-skip-backpressure-check"]
-    # reinvocation: already swapped, nothing added
-    again = mutate(after, SETTINGS)
-    assert (again.outcome, again.patch) == ("already-swapped", [])
-    # Istio re-renders istio-init after us: the fresh swap carries the flag exactly once
-    reinjected = copy.deepcopy(after)
-    index = next(i for i, c in enumerate(reinjected["spec"]["initContainers"]) if c["name"] == "istio-init")
-    reinjected["spec"]["initContainers"][index] = copy.deepcopy(agent_of(pod))
-    final = apply(reinjected, mutate(reinjected, SETTINGS))
-    assert agent_of(final)["args"] == agent_of(after)["args"]
-    assert agent_of(final)["args"].count("--accelerate-skip-backpressure-check") == 1
-
-
-def test_skip_backpressure_check_is_passed_even_without_accelerate_annotation():
-    """Acceleration may come from BPFINIT_ACCELERATE in proxyMetadata, which the webhook does not judge:
-    the waiver is passed as asked, and the agent ignores it when acceleration is off."""
-    pod = hello()
-    pod["metadata"]["annotations"][SKIP_BACKPRESSURE] = "true"
-    result = mutate(pod, SETTINGS)
-    assert result.outcome == "swapped"
-    after = apply(pod, result)
-    assert agent_of(after)["args"][-1] == "--accelerate-skip-backpressure-check"
-    assert "--accelerate" not in agent_of(after)["args"]
-    assert json.loads(after["metadata"]["annotations"]["bpfinit.io/status"])["accelerate"] is False
-
-
-def test_skip_backpressure_check_false_beats_the_env():
-    pod = hello()
-    pod["metadata"]["annotations"][SKIP_BACKPRESSURE] = "false"
-    agent_of(pod).setdefault("env", []).append({"name": "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK", "value": "1"})
-    after = apply(pod, mutate(pod, SETTINGS))
-    assert agent_of(after)["args"][-1] == "--accelerate-skip-backpressure-check=false"
-    no_annotation = apply(hello(), mutate(hello(), SETTINGS))
-    assert not any(a.startswith("--accelerate-skip-backpressure-check") for a in agent_of(no_annotation)["args"])
-
-
-SKIP_WAITALL = "bpfinit.io/accelerate-skip-waitall-check"
-
-
-def test_skip_waitall_check_annotation_becomes_agent_flag_once_even_on_remutation():
-    pod = hello()
-    pod["metadata"]["annotations"].update({"bpfinit.io/accelerate": "true", SKIP_WAITALL: "true"})
-    result = mutate(pod, SETTINGS)
-    assert result.outcome == "swapped"
-    after = apply(pod, result)
-    assert agent_of(after)["args"][-2:] == ["--accelerate", "--accelerate-skip-waitall-check"]
-    # reinvocation: already swapped, nothing added
-    again = mutate(after, SETTINGS)
-    assert (again.outcome, again.patch) == ("already-swapped", [])
-    # Istio re-renders istio-init after us: the fresh swap carries the flag exactly once
-    reinjected = copy.deepcopy(after)
-    index = next(i for i, c in enumerate(reinjected["spec"]["initContainers"]) if c["name"] == "istio-init")
-    reinjected["spec"]["initContainers"][index] = copy.deepcopy(agent_of(pod))
-    final = apply(reinjected, mutate(reinjected, SETTINGS))
-    assert agent_of(final)["args"] == agent_of(after)["args"]
-    assert agent_of(final)["args"].count("--accelerate-skip-waitall-check") == 1
-
-
-def test_skip_waitall_check_is_passed_even_without_accelerate_annotation():
-    """Acceleration may come from BPFINIT_ACCELERATE in proxyMetadata, which the webhook does not judge:
-    the waiver is passed as asked, and the agent ignores it when acceleration is off."""
-    pod = hello()
-    pod["metadata"]["annotations"][SKIP_WAITALL] = "true"
-    result = mutate(pod, SETTINGS)
-    assert result.outcome == "swapped"
-    after = apply(pod, result)
-    assert agent_of(after)["args"][-1] == "--accelerate-skip-waitall-check"
-    assert "--accelerate" not in agent_of(after)["args"]
-    assert json.loads(after["metadata"]["annotations"]["bpfinit.io/status"])["accelerate"] is False
-
-
-def test_skip_waitall_check_false_beats_the_env():
-    pod = hello()
-    pod["metadata"]["annotations"][SKIP_WAITALL] = "false"
-    agent_of(pod).setdefault("env", []).append({"name": "BPFINIT_ACCEL_SKIP_WAITALL_CHECK", "value": "1"})
-    after = apply(pod, mutate(pod, SETTINGS))
-    assert agent_of(after)["args"][-1] == "--accelerate-skip-waitall-check=false"
-    no_annotation = apply(hello(), mutate(hello(), SETTINGS))
-    assert not any(a.startswith("--accelerate-skip-waitall-check") for a in agent_of(no_annotation)["args"])
+    assert not any(a.startswith(flag) for a in agent_of(no_annotation)["args"])
 
 
 def test_all_waivers_in_a_fixed_order_splice_first_waitall_last():
     pod = hello()
+    (skip_splice, _, _), (skip_backpressure, _, _), (skip_waitall, _, _) = WAIVERS
     # annotation insertion order must not matter: waitall and backpressure given first, splice still comes
     # first and waitall last
-    pod["metadata"]["annotations"].update({SKIP_WAITALL: "true", SKIP_BACKPRESSURE: "false",
-                                           "bpfinit.io/accelerate": "true", SKIP_SPLICE: "true",
+    pod["metadata"]["annotations"].update({skip_waitall: "true", skip_backpressure: "false",
+                                           "bpfinit.io/accelerate": "true", skip_splice: "true",
                                            "bpfinit.io/dns-capture": "true"})
     after = apply(pod, mutate(pod, SETTINGS))
     assert agent_of(after)["args"][-5:] == ["--accelerate", "--accelerate-skip-splice-check",
