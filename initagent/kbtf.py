@@ -33,25 +33,20 @@ class Btf:
             "<HBBIIIII", data)
         if magic != BTF_MAGIC:
             raise BtfError(f"bad BTF magic {magic:#x}")
+        self.data = data
         self.strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
-        # types[i] = (name, kind, kind_flag, size_or_type, members) for type id i + 1
-        self.types: list[tuple[str, int, bool, int, list[tuple[str, int, int]]]] = []
+        # one (name_off, kind, kind_flag, size_or_type, vlen, members_pos) per type id - 1; names and members
+        # are decoded only for the few types a lookup touches (the kernel has ~130k types)
+        self.types: list[tuple[int, int, bool, int, int, int]] = []
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        unpack = struct.Struct("<III").unpack_from
         while pos < end:
-            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            name_off, info, size_or_type = unpack(data, pos)
             pos += 12
-            kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, bool(info >> 31)
-            members = []
-            if kind in (KIND_STRUCT, KIND_UNION):
-                for _ in range(vlen):
-                    m_name, m_type, m_off = struct.unpack_from("<III", data, pos)
-                    pos += 12
-                    bit_offset = m_off & 0xFFFFFF if kind_flag else m_off
-                    members.append((self._str(m_name), m_type, bit_offset))
-            else:
-                fixed, per = EXTRA.get(kind, (0, 0))
-                pos += fixed + per * vlen
-            self.types.append((self._str(name_off), kind, kind_flag, size_or_type, members))
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            self.types.append((name_off, kind, bool(info >> 31), size_or_type, vlen, pos))
+            fixed, per = EXTRA.get(kind, (0, 0))
+            pos += fixed + per * vlen
 
     def _str(self, off: int) -> str:
         return self.strings[off: self.strings.index(b"\0", off)].decode()
@@ -59,18 +54,28 @@ class Btf:
     def _type(self, type_id: int):
         return self.types[type_id - 1]
 
+    def _members(self, type_id: int) -> list[tuple[str, int, int]]:
+        """(name, type id, bit offset) of a struct/union's members."""
+        _, _, kind_flag, _, vlen, pos = self._type(type_id)
+        members = []
+        for i in range(vlen):
+            m_name, m_type, m_off = struct.unpack_from("<III", self.data, pos + 12 * i)
+            members.append((self._str(m_name), m_type, m_off & 0xFFFFFF if kind_flag else m_off))
+        return members
+
     def _resolve(self, type_id: int) -> int:
         """Through typedefs and qualifiers to the underlying type."""
         for _ in range(32):
-            _, kind, _, ref, _ = self._type(type_id)
+            _, kind, _, ref, _, _ = self._type(type_id)
             if kind not in MODIFIERS:
                 return type_id
             type_id = ref
         raise BtfError("type chain too long")
 
     def struct_id(self, name: str) -> int:
-        for i, (t_name, kind, _, size, _) in enumerate(self.types, start=1):
-            if t_name == name and kind == KIND_STRUCT and size > 0:
+        wanted = name.encode()
+        for i, (name_off, kind, _, size, _, _) in enumerate(self.types, start=1):
+            if kind == KIND_STRUCT and size > 0 and self.strings.startswith(wanted + b"\0", name_off):
                 return i
         raise BtfError(f"struct {name} not in the kernel's BTF")
 
@@ -89,9 +94,10 @@ class Btf:
         return total_bits // 8
 
     def _find_member(self, type_id: int, name: str, depth: int = 0):
-        _, kind, _, _, members = self._type(type_id)
+        kind = self._type(type_id)[1]
         if kind not in (KIND_STRUCT, KIND_UNION) or depth > 8:
             return None
+        members = self._members(type_id)
         for m_name, m_type, bit_offset in members:
             if m_name == name:
                 return m_type, bit_offset
