@@ -1,4 +1,4 @@
-"""Acceleration never reorders a byte stream.
+"""Acceleration never reorders a byte stream, and a half-close still comes after the bytes.
 
 sk_msg hands redirected bytes to the peer's psock queue, and a reader drains that queue before its TCP
 receive queue. So if some bytes of a connection took the TCP path (the peer was not in the sockhash
@@ -106,3 +106,41 @@ def test_bytes_that_took_tcp_first_are_never_overtaken(accelerated_pod, mode):
     # ESTABLISHED; sk_msg: its write found no peer). Here defer-accept counts 2 (the proxy's socket is born
     # with the data, and the client's first write misses), Fast Open 1 (the client's SYN carried data).
     assert tcp_path_count(bpffs) - left_before == (2 if mode == "defer-accept" else 1)
+
+
+# Half-close: 3 MiB then shutdown(SHUT_WR). The FIN takes TCP while the bytes are redirected; the reader must
+# still get all of them before EOF, and can answer afterwards.
+HALF_CLOSE = r"""
+import os, socket, threading, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 15001)); srv.listen(1)
+cli = socket.create_connection(("127.0.0.1", 15001)); peer, _ = srv.accept()
+data = os.urandom(3 << 20)
+writer = threading.Thread(target=lambda: (cli.sendall(data), cli.shutdown(socket.SHUT_WR)))
+writer.start()
+time.sleep(0.2)          # the FIN is queued behind the redirected bytes before anyone reads
+got = b""
+while True:
+    chunk = peer.recv(1 << 20)
+    if not chunk:
+        break
+    got += chunk
+writer.join()
+peer.sendall(b"answer"); peer.close()
+back = b""
+while True:
+    chunk = cli.recv(100)
+    if not chunk:
+        break
+    back += chunk
+print(got == data, back.decode(), flush=True)
+"""
+
+
+def test_half_close_delivers_every_redirected_byte_before_eof(accelerated_pod):
+    pod, _ = accelerated_pod
+    before = pod.lo_tx_bytes()
+    res = pod.run([PY, "-c", HALF_CLOSE], uid=1337, gid=1337, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "answer"], res.stdout
+    assert pod.lo_tx_bytes() - before < (3 << 20) // 4          # the 3 MiB were redirected, not sent by TCP
