@@ -24,6 +24,7 @@ for it). The sk_msg program is attached to the pinned sockhash, so it outlives t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -156,48 +157,58 @@ def _accelerated(payload: int, lo_bytes: int) -> bool:
     return lo_bytes < payload // 4
 
 
-def backpressure_holds(srv: socket.socket, port: int, deadline: float,
-                       require_acceleration: bool = True) -> tuple[bool, str]:
-    """Non-blocking writes to a peer that stopped reading must hit EAGAIN before the limit. First the peer
-    reads a probe block, whose bytes must not cross lo (unless told otherwise, as for plain TCP): that
-    shows this very connection is accelerated. The peer is accept()ed before the first write, so the kernel
-    has run its PASSIVE_ESTABLISHED (it is in the sockhash) and no byte takes the TCP path."""
-    limit = backpressure_limit()
+def _not_accelerated(what: str, payload: int, lo_bytes: int) -> str:
+    return f"{what} was not accelerated ({lo_bytes >> 10} KiB of {payload >> 10} KiB crossed lo)"
+
+
+@contextlib.contextmanager
+def _accepted_pair(srv: socket.socket, port: int, deadline: float):
+    """(client, accepted peer) of one loopback connection to srv; accept() returns after the kernel ran
+    the peer's PASSIVE_ESTABLISHED, so both ends are in the sockhash before the first write."""
     with socket.create_connection(("127.0.0.1", port), timeout=max(0.1, deadline - time.monotonic())) as cli:
         srv.settimeout(max(0.1, deadline - time.monotonic()))
         peer, _ = srv.accept()
         with peer:
-            errors: list[str] = []
+            yield cli, peer
 
-            def read_probe():
-                try:
-                    _recv_exact(peer, BACKPRESSURE_PROBE, deadline, use_splice=False)
-                except (OSError, TimeoutError, ConnectionError) as err:
-                    errors.append(str(err))
 
-            lo_before = lo_tx_bytes()
-            reader = threading.Thread(target=read_probe, daemon=True)
-            reader.start()
-            cli.sendall(b"\1" * BACKPRESSURE_PROBE)
-            reader.join(timeout=max(0.1, deadline - time.monotonic()))
-            lo_bytes = lo_tx_bytes() - lo_before
-            if errors or reader.is_alive():
-                return False, f"backpressure check: the probe block was not received ({errors or 'timeout'})"
-            if require_acceleration and not _accelerated(BACKPRESSURE_PROBE, lo_bytes):
-                return False, (f"the backpressure connection was not accelerated ({lo_bytes >> 10} KiB of "
-                               f"{BACKPRESSURE_PROBE >> 10} KiB crossed lo)")
-            # from here on the peer never reads
-            cli.setblocking(False)
-            chunk, queued, stopped = b"\0" * BACKPRESSURE_CHUNK, 0, ""
-            while queued < limit and time.monotonic() < deadline:
-                try:
-                    queued += cli.send(chunk)
-                except (BlockingIOError, InterruptedError):
-                    stopped = f"backpressure after {queued >> 10} KiB"
-                    break
-                except OSError as err:   # ENOMEM and the like also stop the writer: bounded
-                    stopped = f"backpressure after {queued >> 10} KiB ({err.strerror})"
-                    break
+def backpressure_holds(srv: socket.socket, port: int, deadline: float,
+                       require_acceleration: bool = True) -> tuple[bool, str]:
+    """Non-blocking writes to a peer that stopped reading must hit EAGAIN before the limit. First the peer
+    reads a probe block, whose bytes must not cross lo (unless told otherwise, as for plain TCP): that
+    shows this very connection is accelerated."""
+    limit = backpressure_limit()
+    with _accepted_pair(srv, port, deadline) as (cli, peer):
+        errors: list[str] = []
+
+        def read_probe():
+            try:
+                _recv_exact(peer, BACKPRESSURE_PROBE, deadline, use_splice=False)
+            except (OSError, TimeoutError, ConnectionError) as err:
+                errors.append(str(err))
+
+        lo_before = lo_tx_bytes()
+        reader = threading.Thread(target=read_probe, daemon=True)
+        reader.start()
+        cli.sendall(b"\1" * BACKPRESSURE_PROBE)
+        reader.join(timeout=max(0.1, deadline - time.monotonic()))
+        lo_bytes = lo_tx_bytes() - lo_before
+        if errors or reader.is_alive():
+            return False, f"backpressure check: the probe block was not received ({errors or 'timeout'})"
+        if require_acceleration and not _accelerated(BACKPRESSURE_PROBE, lo_bytes):
+            return False, _not_accelerated("the backpressure connection", BACKPRESSURE_PROBE, lo_bytes)
+        # from here on the peer never reads
+        cli.setblocking(False)
+        chunk, queued, stopped = b"\0" * BACKPRESSURE_CHUNK, 0, ""
+        while queued < limit and time.monotonic() < deadline:
+            try:
+                queued += cli.send(chunk)
+            except (BlockingIOError, InterruptedError):
+                stopped = f"backpressure after {queued >> 10} KiB"
+                break
+            except OSError as err:   # ENOMEM and the like also stop the writer: bounded
+                stopped = f"backpressure after {queued >> 10} KiB ({err.strerror})"
+                break
     if stopped:
         return True, stopped
     if queued >= limit:
@@ -211,43 +222,39 @@ def min_reads_hold(srv: socket.socket, port: int, deadline: float,
                    require_acceleration: bool = True) -> tuple[bool, str]:
     """recv(MSG_WAITALL) of WAITALL_SIZE written in pieces returns all of it; with SO_RCVLOWAT set, a few
     bytes do not make the socket readable. On an accelerated connection (its bytes must not cross lo)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=max(0.1, deadline - time.monotonic())) as cli:
-        srv.settimeout(max(0.1, deadline - time.monotonic()))
-        peer, _ = srv.accept()
-        with peer:
-            peer.setblocking(True)   # MSG_WAITALL means nothing on a non-blocking socket (Python's timeouts are)
-            got: list[int] = []
-            reader = threading.Thread(target=lambda: got.append(len(peer.recv(WAITALL_SIZE, socket.MSG_WAITALL))),
-                                      daemon=True)
-            lo_before = lo_tx_bytes()
-            reader.start()
-            piece = WAITALL_SIZE // WAITALL_PARTS
-            for _ in range(WAITALL_PARTS):
-                cli.sendall(b"\2" * piece)
-                time.sleep(0.005)   # separate arrivals: each would satisfy a plain recv()
-            reader.join(timeout=max(0.1, deadline - time.monotonic()))
-            if reader.is_alive():            # never satisfied: unblock it, then report
-                peer.shutdown(socket.SHUT_RDWR)
-                reader.join(timeout=1.0)
-                return False, f"recv(MSG_WAITALL) of {WAITALL_SIZE >> 10} KiB never returned"
-            lo_bytes = lo_tx_bytes() - lo_before
-            if require_acceleration and not _accelerated(WAITALL_SIZE, lo_bytes):
-                return False, (f"the MSG_WAITALL connection was not accelerated ({lo_bytes >> 10} KiB of "
-                               f"{WAITALL_SIZE >> 10} KiB crossed lo)")
-            if not got or got[0] != WAITALL_SIZE:
-                return False, (f"recv(MSG_WAITALL) of {WAITALL_SIZE >> 10} KiB returned "
-                               f"{(got[0] >> 10) if got else 0} KiB: the kernel ignores MSG_WAITALL on "
-                               "accelerated sockets")
-            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, piece)
-            cli.sendall(b"\3" * 100)
-            early, _, _ = select.select([peer], [], [], LOWAT_QUIET_S)
-            if early:
-                return False, (f"a socket with SO_RCVLOWAT {piece >> 10} KiB became readable with 100 bytes: "
-                               "the kernel ignores SO_RCVLOWAT on accelerated sockets")
-            cli.sendall(b"\3" * piece)
-            ready, _, _ = select.select([peer], [], [], max(0.1, deadline - time.monotonic()))
-            if not ready:
-                return False, "a socket with SO_RCVLOWAT never became readable"
+    with _accepted_pair(srv, port, deadline) as (cli, peer):
+        peer.setblocking(True)   # MSG_WAITALL means nothing on a non-blocking socket (Python's timeouts are)
+        got: list[int] = []
+        reader = threading.Thread(target=lambda: got.append(len(peer.recv(WAITALL_SIZE, socket.MSG_WAITALL))),
+                                  daemon=True)
+        lo_before = lo_tx_bytes()
+        reader.start()
+        piece = WAITALL_SIZE // WAITALL_PARTS
+        for _ in range(WAITALL_PARTS):
+            cli.sendall(b"\2" * piece)
+            time.sleep(0.005)   # separate arrivals: each would satisfy a plain recv()
+        reader.join(timeout=max(0.1, deadline - time.monotonic()))
+        if reader.is_alive():            # never satisfied: unblock it, then report
+            peer.shutdown(socket.SHUT_RDWR)
+            reader.join(timeout=1.0)
+            return False, f"recv(MSG_WAITALL) of {WAITALL_SIZE >> 10} KiB never returned"
+        lo_bytes = lo_tx_bytes() - lo_before
+        if require_acceleration and not _accelerated(WAITALL_SIZE, lo_bytes):
+            return False, _not_accelerated("the MSG_WAITALL connection", WAITALL_SIZE, lo_bytes)
+        if not got or got[0] != WAITALL_SIZE:
+            return False, (f"recv(MSG_WAITALL) of {WAITALL_SIZE >> 10} KiB returned "
+                           f"{(got[0] >> 10) if got else 0} KiB: the kernel ignores MSG_WAITALL on "
+                           "accelerated sockets")
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, piece)
+        cli.sendall(b"\3" * 100)
+        early, _, _ = select.select([peer], [], [], LOWAT_QUIET_S)
+        if early:
+            return False, (f"a socket with SO_RCVLOWAT {piece >> 10} KiB became readable with 100 bytes: "
+                           "the kernel ignores SO_RCVLOWAT on accelerated sockets")
+        cli.sendall(b"\3" * piece)
+        ready, _, _ = select.select([peer], [], [], max(0.1, deadline - time.monotonic()))
+        if not ready:
+            return False, "a socket with SO_RCVLOWAT never became readable"
     return True, "MSG_WAITALL and SO_RCVLOWAT honoured"
 
 
@@ -267,23 +274,20 @@ def self_test(port: int, deadline_s: float = SELFTEST_DEADLINE_S,
         if not ok:
             return False, why
         details = [why, "received with splice(2)" if check_splice else SPLICE_WAIVED]
-        if check_waitall:
+        for wanted, check, name, waived in ((check_waitall, min_reads_hold, "MSG_WAITALL check", WAITALL_WAIVED),
+                                            (check_backpressure, backpressure_holds, "backpressure check",
+                                             BACKPRESSURE_WAIVED)):
+            if not wanted:
+                details.append(waived)
+                continue
             try:
-                ok, why = min_reads_hold(srv, port, time.monotonic() + deadline_s)
+                ok, why = check(srv, port, time.monotonic() + deadline_s)
             except OSError as err:
-                ok, why = False, f"MSG_WAITALL check: {err.strerror or err}"
+                ok, why = False, f"{name}: {err.strerror or err}"
             if not ok:
                 return False, why
             details.append(why)
-        else:
-            details.append(WAITALL_WAIVED)
-        if not check_backpressure:
-            return True, ", ".join(details + [BACKPRESSURE_WAIVED])
-        try:
-            ok, why = backpressure_holds(srv, port, time.monotonic() + deadline_s)
-        except OSError as err:
-            ok, why = False, f"backpressure check: {err.strerror or err}"
-        return ok, ", ".join(details + [why]) if ok else why
+        return True, ", ".join(details)
 
 
 def _exchanges(srv: socket.socket, port: int, deadline_s: float, check_splice: bool) -> tuple[bool, str]:
@@ -320,7 +324,7 @@ def _exchanges(srv: socket.socket, port: int, deadline_s: float, check_splice: b
         return False, errors[0]
     payload, lo_bytes = sum(SELFTEST_SIZES) + 8 * len(SELFTEST_SIZES), lo_tx_bytes() - lo_before
     if not _accelerated(payload, lo_bytes):
-        return False, f"the connection was not accelerated ({lo_bytes >> 10} KiB of {payload >> 10} KiB crossed lo)"
+        return False, _not_accelerated("the connection", payload, lo_bytes)
     return True, f"{len(SELFTEST_SIZES)} keep-alive exchanges up to {max(SELFTEST_SIZES) >> 20} MiB"
 
 
