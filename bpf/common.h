@@ -78,10 +78,6 @@ static __always_inline int owner_group_bypass(const struct pod_cfg *cfg, __u32 g
 
 /* ------------------------------------------------------------------ sock_addr hooks (connect, sendmsg) */
 
-/* The destination the application asked for, into dst (network order, IPv4 in dst[0]). Returns 1 for
- * IPv6 proper, 0 for IPv4, including IPv4 through an AF_INET6 socket (then *mapped = 1): the iptables
- * rules, not the ip6tables ones, apply to it. `hook6` must be a constant: the verifier rejects any
- * access to user_ip6 in a *4 hook (and user_ip4 in a *6 hook), even on a dead path. */
 /* Remember where a socket we redirect was going (orig_by_sock): getpeername.c shows it to the app,
  * sockops.c publishes it for the proxy's SO_ORIGINAL_DST. `kind` is ORIG_* (maps.h). */
 static __always_inline void remember_orig_dst(struct bpf_sock *sk, int v6, const __u32 *dst, __u16 port_be,
@@ -102,6 +98,10 @@ static __always_inline void remember_orig_dst(struct bpf_sock *sk, int v6, const
     od->pod_idx = pod_idx;
 }
 
+/* The destination the application asked for, into dst (network order, IPv4 in dst[0]). Returns 1 for
+ * IPv6 proper, 0 for IPv4, including IPv4 through an AF_INET6 socket (then *mapped = 1): the iptables
+ * rules, not the ip6tables ones, apply to it. `hook6` must be a constant: the verifier rejects any
+ * access to user_ip6 in a *4 hook (and user_ip4 in a *6 hook), even on a dead path. */
 static __always_inline int sock_addr_dst(struct bpf_sock_addr *ctx, const int hook6, __u32 *dst, int *mapped)
 {
     *mapped = 0;
