@@ -7,9 +7,12 @@ Two "pods" (client, server; tests/podenv.py namespaces joined by a bridge), real
   B  iptables : Istio's golden default rules (iptables-restore, nft backend) in both pods + HAProxy sidecars
                 following SO_ORIGINAL_DST (conntrack)
   C  bpfinit  : `bpfinit-agent setup` in both pods + the same HAProxy sidecars
-  D  bpfinit+accel : C with --accelerate. On this kernel two parts of the self-test fail (sockmap data is
-                invisible to splice(2), and recv(MSG_WAITALL) / SO_RCVLOWAT are ignored), so D is run with
-                both waived (HAProxy and wrk use neither here) and labelled as such.
+  D  bpfinit+accel : C with --accelerate: sk_msg carries the app<->sidecar hops on each pod's loopback; the
+                sidecar-to-sidecar hop stays TCP, as it does between pods on two nodes. On this kernel two parts of the self-test fail (sockmap data is invisible to splice(2),
+                and recv(MSG_WAITALL) / SO_RCVLOWAT are ignored), so D and E run with both waived (HAProxy and
+                wrk use neither here) and are labelled as such.
+  E  bpfinit+accel, pod to pod : D with --accelerate-pod-to-pod in both pods: the sidecar-to-sidecar hop, both
+                pods being on this node, also skips both stacks and the veth/bridge path.
 Sidecars: HAProxy `mode tcp` by default (the brief's stand-in for Envoy: one upstream connection per client
 connection, to the original destination); `--proxy-mode http` runs them as HTTP proxies that parse every request.
 Both sidecars are in the path for F, B, C, D. Load: wrk keep-alive 16 connections, new connection per
@@ -39,7 +42,10 @@ from tests.datapath import agentrun  # noqa: E402
 from tests.podenv import Cluster, bpffs_mount  # noqa: E402
 from tests.sidecar import HAProxy, sidecar_config  # noqa: E402
 
-CONFIGS = ["A_nomesh", "F_floor", "B_iptables", "C_bpfinit", "D_bpfinit_accel"]
+CONFIGS = ["A_nomesh", "F_floor", "B_iptables", "C_bpfinit", "D_bpfinit_accel", "E_bpfinit_accel_pod_to_pod"]
+ACCEL_WAIVED = ["--accelerate", "--accelerate-skip-splice-check", "--accelerate-skip-waitall-check"]
+AGENT_EXTRA = {"C_bpfinit": [], "D_bpfinit_accel": ACCEL_WAIVED,
+               "E_bpfinit_accel_pod_to_pod": ACCEL_WAIVED + ["--accelerate-pod-to-pod"]}
 MODES = {"keepalive": ["-t2", "-c16"], "close": ["-t2", "-c16", "-H", "Connection: close"],
          "1conn": ["-t1", "-c1"]}
 
@@ -159,9 +165,8 @@ def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp"):
                 r = subprocess.run(["ip", "netns", "exec", pod.name, "iptables-restore", "--noflush"],
                                    input=ISTIO_RULES, text=True, capture_output=True, timeout=30)
                 assert r.returncode == 0, r.stderr
-        if config in ("C_bpfinit", "D_bpfinit_accel"):
-            extra = ["--accelerate", "--accelerate-skip-splice-check", "--accelerate-skip-waitall-check"] \
-                if config == "D_bpfinit_accel" else []
+        if config in AGENT_EXTRA:
+            extra = AGENT_EXTRA[config]
             for pod in (client, server):
                 r = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + extra)
                 assert r.returncode == 0, r.stderr
@@ -185,17 +190,21 @@ def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp
             load = Path("/proc/loadavg").read_text().split()[:3]
             pids = [p.pid for p in sidecars]
             lo0 = [pod.lo_tx_bytes() for pod in (client, server)]
+            eth0 = server.tx_bytes("eth0")
             t0, h0, p0 = time.monotonic(), host_busy_us(), proc_cpu_us(pids)
             out = client.run(["wrk", *args, f"-d{duration:g}s", "--latency", url], uid=1000, gid=1000,
                              timeout=duration + 30)
             t1, h1, p1 = time.monotonic(), host_busy_us(), proc_cpu_us(pids)
             lo1 = [pod.lo_tx_bytes() for pod in (client, server)]
+            eth1 = server.tx_bytes("eth0")
             r = parse_wrk(out.stdout)
             n = max(1, r["requests"])
             r.update(host_cpu_us_per_req=(h1 - h0) / n, proxy_cpu_us_per_req=(p1 - p0) / n if pids else 0.0,
                      host_busy_cores=(h1 - h0) / 1e6 / (t1 - t0), loadavg_before=load,
                      # ~0 when sk_msg carries both app<->sidecar hops (D); the request and response otherwise
-                     lo_bytes_per_req={"client": (lo1[0] - lo0[0]) / n, "server": (lo1[1] - lo0[1]) / n})
+                     lo_bytes_per_req={"client": (lo1[0] - lo0[0]) / n, "server": (lo1[1] - lo0[1]) / n},
+                     # ~0 when sk_msg also carries the sidecar-to-sidecar hop (E)
+                     server_eth_bytes_per_req=(eth1 - eth0) / n)
             if config == "B_iptables" and mode == "close":
                 ct = subprocess.run(["ip", "netns", "exec", client.name, "cat", "/proc/net/nf_conntrack"],
                                     capture_output=True, text=True)
@@ -219,6 +228,8 @@ def summarize(runs: list[dict]) -> dict:
                                      "proxy_cpu_us_per_req", "host_busy_cores")}
             summary[config][mode]["lo_bytes_per_req"] = {
                 pod: statistics.mean(row["lo_bytes_per_req"][pod] for row in rows) for pod in ("client", "server")}
+            eth = [row["server_eth_bytes_per_req"] for row in rows if "server_eth_bytes_per_req" in row]
+            summary[config][mode]["server_eth_bytes_per_req"] = statistics.mean(eth) if eth else None
             summary[config][mode]["rps_runs"] = [row["rps"] for row in rows]
             summary[config][mode]["errors"] = sum(row["errors"] for row in rows)
     ratios: dict = {}
@@ -255,7 +266,7 @@ def plot(result: dict, path: Path) -> bool:
                                               ("1conn", "p99_ms", "p99 latency ms, 1 conn")]):
         vals = [summary[c][mode][key] or 0 for c in labels]
         errs = [statistics.pstdev(summary[c][mode]["rps_runs"]) if key == "rps" else 0 for c in labels]
-        ax.bar(range(len(labels)), vals, yerr=errs, color=["#888", "#4a4", "#c44", "#44c", "#a4c"][:len(labels)])
+        ax.bar(range(len(labels)), vals, yerr=errs, color=["#888", "#4a4", "#c44", "#44c", "#a4c", "#c84"][:len(labels)])
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels([l.split("_", 1)[1] for l in labels], rotation=20)
         ax.set_title(title, fontsize=10)

@@ -4,10 +4,14 @@
  * engineer). Off by default; initagent/accel.py turns it on per pod (BI_F_ACCEL) only after a kernel
  * gate and a start-up self-test.
  *
- * sockops (ACTIVE/PASSIVE_ESTABLISHED, called from sockops.c) inserts only app<->proxy loopback sockets:
- * one end is the proxy's <-p>/<-z> port, or the inbound passthrough source 127.0.0.6/::6. Every socket
- * in the map pays for sk_msg on each sendmsg, so nothing else goes in. sk_msg then hands the bytes
- * straight to the peer socket's receive queue; a miss returns SK_PASS (normal TCP path), never a drop.
+ * sockops (ACTIVE/PASSIVE_ESTABLISHED, called from sockops.c) inserts two kinds of sockets:
+ *  - app<->proxy loopback sockets: one end is the proxy's <-p>/<-z> port, or the inbound passthrough
+ *    source 127.0.0.6/::6;
+ *  - with --accelerate-pod-to-pod in both pods, connections between two pods on this node: the
+ *    sidecar-to-sidecar hop, which then skips both pods' stacks, the veth pair and the node's path between
+ *    them (the CNI's datapath, policy, shaping and capture see the handshake, not the bytes: hence opt-in).
+ * Every socket in the map pays for sk_msg on each sendmsg, so nothing else goes in. sk_msg then hands the
+ * bytes straight to the peer socket's receive queue; a miss returns SK_PASS (normal TCP path), never a drop.
  */
 
 static __always_inline int bi_is_passthrough(__u32 family, const __u32 *a)
@@ -80,6 +84,26 @@ static __always_inline void bi_flow_from_peer_key(struct flow_tuple *t, const st
 }
 #endif
 
+/* The pod that owns a non-loopback peer address, if it is another pod on this node that accelerates to
+ * other pods too (--accelerate-pod-to-pod): its netns cookie, else 0. */
+static __always_inline __u64 bi_accel_pod_peer_netns(const struct bi_sock_key *key, const __u32 *peer_addr)
+{
+    struct bi_addr_key a = {};
+    a.family = key->family;
+    a.addr[0] = peer_addr[0]; a.addr[1] = peer_addr[1]; a.addr[2] = peer_addr[2]; a.addr[3] = peer_addr[3];
+    struct bi_addr_val *pod = bi_pod_addrs.lookup(&a);
+    if (!pod)
+        return 0;
+    __u64 ns = pod->netns_cookie;
+    __u32 idx = pod->pod_idx;
+    if (ns == key->netns_cookie)
+        return 0;
+    struct pod_cfg *cfg = pod_by_netns.lookup(&ns);
+    if (!cfg || cfg->pod_idx != idx || !(cfg->flags & CFG_ACCELERATE) || !(cfg->flags & CFG_ACCEL_POD_TO_POD))
+        return 0;
+    return ns;
+}
+
 static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, struct pod_cfg *cfg)
 {
     if (!(cfg->flags & CFG_ACCELERATE))
@@ -90,16 +114,25 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
     __u32 l4 = skops->local_ip4, r4 = skops->remote_ip4;
     __u32 l0 = skops->local_ip6[0], l1 = skops->local_ip6[1], l2 = skops->local_ip6[2], l3 = skops->local_ip6[3];
     __u32 r0 = skops->remote_ip6[0], r1 = skops->remote_ip6[1], r2 = skops->remote_ip6[2], r3 = skops->remote_ip6[3];
+    __u32 snd0 = skops->snd_nxt, rcv0 = skops->rcv_nxt;
     if (bi_sock_key_fill(&key, bpf_get_netns_cookie(skops), skops->family, skops->local_port,
                          bpf_ntohl(skops->remote_port),
-                         l4, l0, l1, l2, l3, r4, r0, r1, r2, r3) < 0 || !bi_on_loopback(&key))
+                         l4, l0, l1, l2, l3, r4, r0, r1, r2, r3) < 0)
         return;
-    __u32 p = cfg->proxy_port, z = cfg->inbound_capture_port;
-    int outbound = key.lport == p || key.rport == p;
-    int inbound = key.lport == z || key.rport == z ||
-                  bi_is_passthrough(key.family, key.local) || bi_is_passthrough(key.family, key.remote);
-    if (!outbound && !inbound)
-        return;
+    int outbound, pod_peer = 0;
+    if (bi_on_loopback(&key)) {
+        __u32 p = cfg->proxy_port, z = cfg->inbound_capture_port;
+        outbound = key.lport == p || key.rport == p;
+        int inbound = key.lport == z || key.rport == z ||
+                      bi_is_passthrough(key.family, key.local) || bi_is_passthrough(key.family, key.remote);
+        if (!outbound && !inbound)
+            return;
+    } else {
+        if (!(cfg->flags & CFG_ACCEL_POD_TO_POD) || !bi_accel_pod_peer_netns(&key, key.remote))
+            return;
+        pod_peer = 1;
+        outbound = skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
+    }
     /* Bytes already went by TCP (TCP Fast Open data in the SYN): redirecting the later ones would let
      * them overtake those, so this connection stays on TCP (its peer's sk_msg then misses, see below). */
     if (skops->data_segs_out || skops->data_segs_in) {
@@ -109,10 +142,25 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
                   REASON_ACCEL_TCP_PATH, t);
         return;
     }
+    if (pod_peer) {
+        /* what the peer's handshake must have recorded: our rcv_nxt is its snd_nxt and vice versa */
+        struct bpf_sock *sk = skops->sk;
+        if (!sk)
+            return;
+        struct bi_accel_state *st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        if (!st)
+            return;
+        st->pod_peer = 1;
+        st->peer_snd0 = rcv0;
+        st->peer_rcv0 = snd0;
+    }
     long rc = bi_accel_socks.sock_hash_update(skops, &key, BPF_NOEXIST);   /* (bcc: keep as a statement) */
     if (rc == 0) {
-        __u64 addr = (__u64)skops->sk;
-        bi_accel_sk_addr.update(&key, &addr);
+        struct bi_accel_sk_info info = {};
+        info.addr = (__u64)skops->sk;
+        info.snd0 = snd0;
+        info.rcv0 = rcv0;
+        bi_accel_sk_addr.update(&key, &info);
         BI_TUPLE(t);
         BI_FLOW(bi_flow_from_sock_ops, t, skops);
         BI_RECORD(skops, cfg->pod_idx, outbound ? DIR_OUTBOUND : DIR_INBOUND, VERDICT_REDIRECTED, REASON_ACCEL, t);
@@ -127,19 +175,41 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
  * without acceleration. Without the offset (no kernel BTF) there is no bound here, and the agent's
  * self-test finds out. */
 #define BI_ACCEL_QUEUE_MAX (8 << 20)   /* per receiving socket; TCP's own default ceiling is 6 MiB */
-static __always_inline int bi_peer_has_room(struct bi_sock_key *peer, __u32 size)
+static __always_inline int bi_peer_has_room(struct bi_accel_sk_info *info, __u32 size)
 {
 #ifdef BI_SK_RMEM_ALLOC_OFF
-    __u64 *addr = bi_accel_sk_addr.lookup(peer);
-    if (!addr)
+    if (!info)
         return 0;
     int unread = 0;
-    if (bpf_probe_read_kernel(&unread, sizeof(unread), (void *)(*addr + BI_SK_RMEM_ALLOC_OFF)) < 0)
+    if (bpf_probe_read_kernel(&unread, sizeof(unread), (void *)(info->addr + BI_SK_RMEM_ALLOC_OFF)) < 0)
         return 0;
     return unread >= 0 && (__u64)unread + size <= BI_ACCEL_QUEUE_MAX;
 #else
     return 1;
 #endif
+}
+
+/* Whether this message may be redirected to `peer` (filled with our netns): a loopback peer needs room;
+ * a pod-to-pod peer is keyed by its own pod's netns, and must be the socket our handshake met. */
+static __always_inline int bi_may_redirect(struct bi_sock_key *peer, struct bi_accel_state *st, __u32 size)
+{
+    if (bi_on_loopback(peer)) {
+#ifdef BI_SK_RMEM_ALLOC_OFF
+        return bi_peer_has_room(bi_accel_sk_addr.lookup(peer), size);
+#else
+        return 1;
+#endif
+    }
+    if (!st || !st->pod_peer)
+        return 0;
+    __u64 ns = bi_accel_pod_peer_netns(peer, peer->local);
+    if (!ns)
+        return 0;
+    peer->netns_cookie = ns;
+    struct bi_accel_sk_info *info = bi_accel_sk_addr.lookup(peer);
+    if (!info || info->snd0 != st->peer_snd0 || info->rcv0 != st->peer_rcv0)
+        return 0;
+    return bi_peer_has_room(info, size);
 }
 
 int bpfinit_sk_msg(struct sk_msg_md *msg)
@@ -155,21 +225,21 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
     __u32 l4 = msg->local_ip4, r4 = msg->remote_ip4;
     __u32 l0 = msg->local_ip6[0], l1 = msg->local_ip6[1], l2 = msg->local_ip6[2], l3 = msg->local_ip6[3];
     __u32 r0 = msg->remote_ip6[0], r1 = msg->remote_ip6[1], r2 = msg->remote_ip6[2], r3 = msg->remote_ip6[3];
-    /* the peer's key: same netns (never another pod's socket), its local end is our remote one */
-    if (bi_sock_key_fill(&peer, bpf_get_netns_cookie(msg), msg->family, bpf_ntohl(msg->remote_port),
-                         msg->local_port,
+    __u64 own_ns = bpf_get_netns_cookie(msg);
+    /* the peer's key: its local end is our remote one; same netns for loopback (never another pod's
+     * socket), the owning pod's netns for a pod-to-pod peer */
+    if (bi_sock_key_fill(&peer, own_ns, msg->family, bpf_ntohl(msg->remote_port), msg->local_port,
                          r4, r0, r1, r2, r3, l4, l0, l1, l2, l3) == 0 &&
-        bi_peer_has_room(&peer, size) &&
+        bi_may_redirect(&peer, st, size) &&
         bi_accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS)
         return SK_PASS;   /* redirected into the peer's receive queue */
-    /* A miss (the peer's PASSIVE_ESTABLISHED has not run yet, e.g. behind TCP_DEFER_ACCEPT, or it is gone)
-     * or a peer holding too much unread: this message takes the normal path, never a drop, and so does
-     * every later one. */
+    /* A miss (the peer's PASSIVE_ESTABLISHED has not run yet, e.g. behind TCP_DEFER_ACCEPT, or it is gone,
+     * or it is not the socket our handshake met) or a peer holding too much unread: this message takes the
+     * normal path, never a drop, and so does every later one. */
     st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (st)
         st->tcp_sent = 1;
-    __u64 ns = bpf_get_netns_cookie(msg);
-    struct pod_cfg *cfg = pod_by_netns.lookup(&ns);
+    struct pod_cfg *cfg = pod_by_netns.lookup(&own_ns);
     if (cfg && peer.family) {
         int outbound = peer.lport == cfg->proxy_port || peer.rport == cfg->proxy_port;
         BI_TUPLE(t);

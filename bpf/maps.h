@@ -19,6 +19,7 @@
 #define CFG_ACCELERATE           (1u << 7)  /* sockmap acceleration (owner: accel) */
 #define CFG_INBOUND_ALL          (1u << 8)  /* -b '*' (owner: inbound) */
 #define CFG_INBOUND_LIST         (1u << 9)  /* -b list (owner: inbound) */
+#define CFG_ACCEL_POD_TO_POD     (1u << 10) /* --accelerate-pod-to-pod: also between pods on this node (owner: accel) */
 
 struct pod_cfg {
     __u32 pod_idx;
@@ -186,9 +187,10 @@ BPF_TABLE("lru_hash", __u64, struct bi_dns_orig, bi_dns_orig, 65536);
 /* ===== end inbound / DNS ===== */
 
 /* ===== acceleration (owner: inbound+DNS engineer) ===== */
-/* app<->proxy loopback sockets, keyed by their netns and their own 4-tuple (local end first). The map
- * is node-wide and every pod has its own port space, so two pods' loopback connections can share a
- * 4-tuple: without the netns cookie one pod's bytes could be redirected into another pod's socket. */
+/* Accelerated sockets, keyed by their netns and their own 4-tuple (local end first). The map is node-wide
+ * and every pod has its own port space, so two pods' loopback connections can share a 4-tuple: without the
+ * netns cookie one pod's bytes could be redirected into another pod's socket. A pod-to-pod connection's
+ * peer is keyed by the other pod's netns (bi_pod_addrs gives it from the peer's address). */
 struct bi_sock_key {
     __u64 netns_cookie;
     __u32 local[4];
@@ -199,18 +201,30 @@ struct bi_sock_key {
     __u32 _pad;                /* explicit: keys are zero-initialised and hashed whole */
 };
 BPF_SOCKHASH(bi_accel_socks, struct bi_sock_key, 65536);
-/* Set on a socket once sk_msg let one of its messages take the TCP path (its peer was not in the map
- * yet). From then on it never redirects: bytes redirected later would land in the peer's psock queue,
- * which the reader drains before its TCP receive queue, so they would overtake the earlier ones. */
+/* Per accelerated socket. tcp_sent: set once sk_msg let one of its messages take the TCP path (its peer
+ * was not in the map yet). From then on it never redirects: bytes redirected later would land in the
+ * peer's psock queue, which the reader drains before its TCP receive queue, so they would overtake the
+ * earlier ones. pod_peer: a pod-to-pod socket, which redirects only to the socket whose initial sequence
+ * numbers mirror its own (peer_snd0/peer_rcv0, from its handshake): a transparent middlebox that keeps
+ * both addresses (TPROXY) has its own sequence numbers, so its far side never matches. */
 struct bi_accel_state {
     __u32 tcp_sent;
+    __u32 pod_peer;
+    __u32 peer_snd0;           /* the peer's snd_nxt at ESTABLISHED = our rcv_nxt then */
+    __u32 peer_rcv0;           /* the peer's rcv_nxt at ESTABLISHED = our snd_nxt then */
 };
 BPF_SK_STORAGE(bi_accel_tcp_path, struct bi_accel_state);
-/* Each accelerated socket's kernel address, under its sockhash key, so that sk_msg can read how much its
- * peer holds unread (sk_rmem_alloc, at the offset the agent found in the kernel's BTF). sk_msg can look a
- * socket up in the sockhash but has no bpf_sk_release for the reference, so the address is kept here and
- * only ever read with bpf_probe_read_kernel. Written with the sockhash entry; an LRU bounds it. */
-BPF_TABLE("lru_hash", struct bi_sock_key, __u64, bi_accel_sk_addr, 65536);
+/* Each accelerated socket's kernel address and its sequence numbers at ESTABLISHED, under its sockhash key.
+ * sk_msg reads how much the peer holds unread (sk_rmem_alloc, at the offset the agent found in the
+ * kernel's BTF): it can look a socket up in the sockhash but has no bpf_sk_release for the reference, so
+ * the address is kept here and only ever read with bpf_probe_read_kernel. Written with the sockhash entry;
+ * an LRU bounds it. */
+struct bi_accel_sk_info {
+    __u64 addr;
+    __u32 snd0;                /* snd_nxt at ESTABLISHED */
+    __u32 rcv0;                /* rcv_nxt at ESTABLISHED */
+};
+BPF_TABLE("lru_hash", struct bi_sock_key, struct bi_accel_sk_info, bi_accel_sk_addr, 65536);
 /* ===== end acceleration ===== */
 
 /* ===== observability (owner: observability engineer; types and the record() helper: events.h) =====

@@ -343,7 +343,8 @@ def enable_or_fall_back(build, cfg, facts, cgroup_path, result):
         except OSError as err:
             ok, why = False, f"sk_msg attach failed: {err.strerror}"
     if ok:
-        print(f"bpfinit-agent: acceleration on (self-test passed: {why})")
+        scope = ", pod to pod too (with pods on this node that have it)" if cfg.accelerate_pod_to_pod else ""
+        print(f"bpfinit-agent: acceleration on{scope} (self-test passed: {why})")
         return cfg
     print(f"bpfinit-agent: acceleration self-test failed: {why}; running without acceleration",
           file=sys.stderr)

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: bpfinit-agent {{{names}}} [flags]\n  setup takes istio-iptables flags "
               "(-p -z -e -u -g -m -i -x -b -d -q -o -k -c ...) plus --cgroup, --bpffs, --netns, "
               "--kernel-headers, --egress-allow, --accelerate, --accelerate-skip-splice-check, "
-              "--accelerate-skip-backpressure-check, --accelerate-skip-waitall-check")
+              "--accelerate-skip-backpressure-check, --accelerate-skip-waitall-check, --accelerate-pod-to-pod")
         return 0 if argv else EXIT_USAGE
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:

@@ -91,6 +91,9 @@ class CaptureConfig:
     accelerate_skip_backpressure_check: bool = False
     # waives only the MSG_WAITALL / SO_RCVLOWAT part of the acceleration self-test; no effect without accelerate
     accelerate_skip_waitall_check: bool = False
+    # also accelerates connections to another pod on this node that has it too (after a sequence-number check);
+    # without it only the app<->proxy loopback hops are; no effect without accelerate
+    accelerate_pod_to_pod: bool = False
     egress_allow: Optional[tuple[EgressRule, ...]] = None   # None = no egress guard
     cgroup: str = ""              # pod cgroup v2 dir ("" = find it from POD_UID)
     bpffs: str = DEFAULT_BPFFS
@@ -202,6 +205,7 @@ _FLAGS = [
     _Flag("accelerate-skip-splice-check", "", "bool", ("BPFINIT_ACCEL_SKIP_SPLICE_CHECK",)),
     _Flag("accelerate-skip-backpressure-check", "", "bool", ("BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK",)),
     _Flag("accelerate-skip-waitall-check", "", "bool", ("BPFINIT_ACCEL_SKIP_WAITALL_CHECK",)),
+    _Flag("accelerate-pod-to-pod", "", "bool", ("BPFINIT_ACCEL_POD_TO_POD",)),
     _Flag("cgroup", "", "str", ()),
     _Flag("bpffs", "", "str", ()),
     _Flag("netns", "", "str", ()),
@@ -504,7 +508,8 @@ def parse(
                       ("native_nftables", "native-nftables"), ("accelerate", "accelerate"),
                       ("accelerate_skip_splice_check", "accelerate-skip-splice-check"),
                       ("accelerate_skip_backpressure_check", "accelerate-skip-backpressure-check"),
-                      ("accelerate_skip_waitall_check", "accelerate-skip-waitall-check")):
+                      ("accelerate_skip_waitall_check", "accelerate-skip-waitall-check"),
+                      ("accelerate_pod_to_pod", "accelerate-pod-to-pod")):
         kw[key] = _bool(values, long)
     kw["network_namespace"] = values.get("network-namespace", "")
     binary = values.get("force-iptables-binary", "")

@@ -26,6 +26,7 @@ CFG_CAPTURE_ALL_DNS = 1 << 6
 CFG_ACCELERATE = 1 << 7
 CFG_INBOUND_ALL = 1 << 8
 CFG_INBOUND_LIST = 1 << 9
+CFG_ACCEL_POD_TO_POD = 1 << 10
 CFG_VIRT_IFACES = 1 << 16
 
 # LPM kinds (maps.h)
@@ -128,6 +129,8 @@ def pod_flags(cfg: CaptureConfig, facts: PodFacts) -> int:
             flags |= CFG_CAPTURE_ALL_DNS
     if cfg.accelerate:
         flags |= CFG_ACCELERATE
+        if cfg.accelerate_pod_to_pod:
+            flags |= CFG_ACCEL_POD_TO_POD
     return flags | inbound_flags(cfg)
 
 

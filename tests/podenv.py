@@ -106,9 +106,12 @@ class _Netns:
         self._procs.append(proc)
         return proc
 
+    def tx_bytes(self, dev: str) -> int:
+        return int(self.run(["cat", f"/sys/class/net/{dev}/statistics/tx_bytes"], check=True).stdout)
+
     def lo_tx_bytes(self) -> int:
         """Bytes sent over this pod's loopback (the app<->sidecar hops travel there unless accelerated)."""
-        return int(self.run(["cat", "/sys/class/net/lo/statistics/tx_bytes"], check=True).stdout)
+        return self.tx_bytes("lo")
 
     def run(self, cmd: list[str], uid: int | None = None, gid: int | None = None,
             groups: list[int] | None = None, timeout: float = 30, check: bool = False,

@@ -28,6 +28,8 @@ BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK = "bpfinit.io/accelerate-skip-splice-check"
 BPFINIT_ACCELERATE_SKIP_BACKPRESSURE_CHECK = "bpfinit.io/accelerate-skip-backpressure-check"
 # waives the MSG_WAITALL / SO_RCVLOWAT part of the acceleration self-test (agent --accelerate-skip-waitall-check)
 BPFINIT_ACCELERATE_SKIP_WAITALL_CHECK = "bpfinit.io/accelerate-skip-waitall-check"
+# also accelerates connections to other pods on the node that have it too (agent --accelerate-pod-to-pod)
+BPFINIT_ACCELERATE_POD_TO_POD = "bpfinit.io/accelerate-pod-to-pod"
 BPFINIT_DNS_CAPTURE = "bpfinit.io/dns-capture"
 BPFINIT_STATUS = "bpfinit.io/status"
 
@@ -180,6 +182,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK: check_boolean,
     BPFINIT_ACCELERATE_SKIP_BACKPRESSURE_CHECK: check_boolean,
     BPFINIT_ACCELERATE_SKIP_WAITALL_CHECK: check_boolean,
+    BPFINIT_ACCELERATE_POD_TO_POD: check_boolean,
     BPFINIT_DNS_CAPTURE: check_boolean,
     BPFINIT_STATUS: check_status,
 }

@@ -132,15 +132,17 @@ def _agent_args(istio_args: list[str], annotations: dict, egress_allow: Sequence
     args = list(istio_args[1:])  # drop the `istio-iptables` subcommand word
     # An explicit CLI flag beats the env (CLI > env): `false` must also win over BPFINIT_ACCELERATE /
     # BPFINIT_ACCEL_SKIP_SPLICE_CHECK / BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK / BPFINIT_ACCEL_SKIP_WAITALL_CHECK /
-    # ISTIO_META_DNS_CAPTURE coming from proxyMetadata. The self-test waivers are passed whatever the accelerate
-    # annotation says: acceleration may also come from proxyMetadata, and without acceleration the agent ignores
-    # them. Fixed order: accelerate, splice waiver, backpressure waiver, waitall waiver.
+    # BPFINIT_ACCEL_POD_TO_POD / ISTIO_META_DNS_CAPTURE coming from proxyMetadata. The self-test waivers and
+    # pod-to-pod are passed whatever the accelerate annotation says: acceleration may also come from
+    # proxyMetadata, and without acceleration the agent ignores them. Fixed order: accelerate, splice waiver,
+    # backpressure waiver, waitall waiver, pod-to-pod.
     for annotation, flag in ((ann.BPFINIT_ACCELERATE, "--accelerate"),
                              (ann.BPFINIT_ACCELERATE_SKIP_SPLICE_CHECK, "--accelerate-skip-splice-check"),
                              (ann.BPFINIT_ACCELERATE_SKIP_BACKPRESSURE_CHECK,
                               "--accelerate-skip-backpressure-check"),
                              (ann.BPFINIT_ACCELERATE_SKIP_WAITALL_CHECK,
-                              "--accelerate-skip-waitall-check")):
+                              "--accelerate-skip-waitall-check"),
+                             (ann.BPFINIT_ACCELERATE_POD_TO_POD, "--accelerate-pod-to-pod")):
         value = annotations.get(annotation)
         if value == "true":
             args.append(flag)

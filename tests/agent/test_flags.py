@@ -171,12 +171,14 @@ def test_own_flags_and_tproxy():
     assert parse(["-m", "TPROXY"], {}, supported=lambda c: ()).unsupported == ()
 
 
-# The acceleration self-test waivers: (flag, config field, env alias)
+# The acceleration self-test waivers, and pod-to-pod (same plumbing): (flag, config field, env alias)
 WAIVERS = [("accelerate-skip-splice-check", "accelerate_skip_splice_check", "BPFINIT_ACCEL_SKIP_SPLICE_CHECK"),
            ("accelerate-skip-backpressure-check", "accelerate_skip_backpressure_check",
             "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK"),
-           ("accelerate-skip-waitall-check", "accelerate_skip_waitall_check", "BPFINIT_ACCEL_SKIP_WAITALL_CHECK")]
-waivers = pytest.mark.parametrize("flag, field, env_name", WAIVERS, ids=["splice", "backpressure", "waitall"])
+           ("accelerate-skip-waitall-check", "accelerate_skip_waitall_check", "BPFINIT_ACCEL_SKIP_WAITALL_CHECK"),
+           ("accelerate-pod-to-pod", "accelerate_pod_to_pod", "BPFINIT_ACCEL_POD_TO_POD")]
+waivers = pytest.mark.parametrize("flag, field, env_name", WAIVERS,
+                                  ids=["splice", "backpressure", "waitall", "pod-to-pod"])
 
 
 @waivers
@@ -199,7 +201,7 @@ def test_accelerate_waiver_flag_and_env(flag, field, env_name):
 
 
 def test_accelerate_waivers_round_trip():
-    """The args the webhook appends (splice, backpressure, then waitall) parse back to the same config."""
+    """The args the webhook appends (splice, backpressure, waitall, then pod-to-pod) parse back to the same config."""
     flags = [f"--{flag}" for flag, _, _ in WAIVERS]
     argv = TEMPLATE_ARGS[1:] + ["--accelerate", *flags]
     assert parse(argv, {}) == parse(TEMPLATE_ARGS + ["--accelerate", *(f"{f}=true" for f in flags)], {})
@@ -210,7 +212,8 @@ def test_accelerate_waivers_round_trip():
 @waivers
 def test_accelerate_waiver_without_accelerate_is_harmless(flag, field, env_name):
     """Meaningless without --accelerate: accepted, no error, no warning, nothing unsupported (the agent only
-    looks at it inside the acceleration self-test, which does not run)."""
+    looks at it inside the acceleration self-test, which does not run, or, for pod-to-pod, next to the
+    accelerate bit of pod_cfg.flags, which stays off)."""
     cfg = parse([f"--{flag}"], {})
     assert getattr(cfg, field) and not cfg.accelerate
     assert (cfg.warnings, cfg.unsupported) == ((), ())

@@ -65,6 +65,19 @@ def test_unknown_owner_group_is_an_error():
         podconfig.build_entries(cfg, 1, facts())
 
 
+def test_pod_to_pod_bit_only_with_accelerate():
+    """CFG_ACCEL_POD_TO_POD is set only when accelerate is on too; alone it changes no bit."""
+    def flags(argv):
+        return podconfig.pod_flags(parse(argv, {}), facts())
+    assert flags(["--accelerate", "--accelerate-pod-to-pod"]) & podconfig.CFG_ACCEL_POD_TO_POD
+    assert flags(["--accelerate", "--accelerate-pod-to-pod"]) & podconfig.CFG_ACCELERATE
+    assert not flags(["--accelerate"]) & podconfig.CFG_ACCEL_POD_TO_POD
+    assert flags(["--accelerate-pod-to-pod"]) == flags([])
+    assert not flags(["--accelerate-pod-to-pod"]) & (podconfig.CFG_ACCEL_POD_TO_POD | podconfig.CFG_ACCELERATE)
+    assert podconfig.pod_flags(parse(["--accelerate"], {"BPFINIT_ACCEL_POD_TO_POD": "1"}), facts()) \
+        & podconfig.CFG_ACCEL_POD_TO_POD
+
+
 def test_digest_ignores_pod_idx_but_not_config():
     a = podconfig.config_digest(parse(["-i", "*"], {}), facts())
     assert a == podconfig.config_digest(parse(["-i", "*"], {}), facts())

@@ -1,5 +1,6 @@
 """End to end with two pods, each with HAProxy as its sidecar on <-p>/<-z>, set up by the real agent:
-client app -> client sidecar -> server sidecar -> server app; then the same with acceleration on."""
+client app -> client sidecar -> server sidecar -> server app; then the same with acceleration on (both
+app<->sidecar hops), and with --accelerate-pod-to-pod (the sidecar-to-sidecar hop too)."""
 from __future__ import annotations
 
 import contextlib
@@ -61,10 +62,11 @@ def start_sidecars(stack: contextlib.ExitStack, pods, ipv6: bool) -> list:
     return procs
 
 
-def run_two_pods(accelerate: bool, size: int, ipv6: bool = False):
+def run_two_pods(accelerate: bool, size: int, ipv6: bool = False, pod_to_pod: bool = False):
     with bpffs_mount() as bpffs, Cluster() as cluster:
         client, server = cluster.add_pod("cli"), cluster.add_pod("srv")
-        extra = (ACCEL_WAIVED if accelerate else []) + (["--dual-stack"] if ipv6 else [])
+        extra = ((ACCEL_WAIVED + (["--accelerate-pod-to-pod"] if pod_to_pod else [])) if accelerate else []) + \
+            (["--dual-stack"] if ipv6 else [])
         logs = []
         for pod in (client, server):
             res = agentrun.setup(pod, bpffs, agentrun.TEMPLATE_ARGS + extra)
@@ -75,29 +77,38 @@ def run_two_pods(accelerate: bool, size: int, ipv6: bool = False):
         with contextlib.ExitStack() as stack:
             proxies = start_sidecars(stack, (client, server), ipv6)
             lo_before = [pod.lo_tx_bytes() for pod in (client, server)]
+            eth_before = server.tx_bytes("eth0")
             target = server.addr6 if ipv6 else server.addr4
             res = client.run([PY, "-c", CLIENT, target, str(size)], uid=1000, gid=1000, timeout=60)
             assert res.returncode == 0, res.stderr
             lo_sent = [pod.lo_tx_bytes() - before for pod, before in zip((client, server), lo_before)]
+            eth_sent = server.tx_bytes("eth0") - eth_before
             seen = []                                 # pyproxy: (listener, orig_dst) per accepted connection
             for proc in proxies:
                 proc.kill()
                 seen.append([tuple(json.loads(line).values()) for line in proc.communicate()[0].splitlines()])
-            return json.loads(res.stdout), server, logs, lo_sent, seen
+            return json.loads(res.stdout), server, logs, lo_sent, eth_sent, seen
 
 
 @pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
-@pytest.mark.parametrize("accelerate", [False, True], ids=["plain", "accelerated"])
-def test_client_app_to_server_app_through_both_sidecars(accelerate, ipv6):
+@pytest.mark.parametrize("accelerate,pod_to_pod", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "accelerated", "accelerated-pod-to-pod"])
+def test_client_app_to_server_app_through_both_sidecars(accelerate, pod_to_pod, ipv6):
     size = 5 * 1024 * 1024
-    out, server, logs, lo_sent, seen = run_two_pods(accelerate, size, ipv6)
+    out, server, logs, lo_sent, eth_sent, seen = run_two_pods(accelerate, size, ipv6, pod_to_pod)
     if accelerate:
         assert all("acceleration on" in log for log in logs), logs
+        assert all(("pod to pod too" in log) == pod_to_pod for log in logs), logs
         # both app<->sidecar hops skip TCP: the 3 x 5 MiB responses never cross either pod's loopback
         # (the server app listens dual-stack, so this also covers an IPv4 peer on an AF_INET6 socket)
         assert max(lo_sent) < size // 4, lo_sent
     else:
         assert min(lo_sent) > 3 * size, lo_sent
+    if pod_to_pod:
+        # the sidecar-to-sidecar hop skips both stacks too: the responses never leave the server pod's eth0
+        assert eth_sent < size // 4, eth_sent
+    else:
+        assert eth_sent > 3 * size, eth_sent
     # the server app saw the requests, through both sidecars, original destination kept at each hop
     if ipv6:
         # one keep-alive connection: the client sidecar (IP6T_SO_ORIGINAL_DST) and the server sidecar

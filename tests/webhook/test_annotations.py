@@ -29,6 +29,8 @@ GOOD = [
     ("bpfinit.io/accelerate-skip-backpressure-check", "false"),
     ("bpfinit.io/accelerate-skip-waitall-check", "true"),
     ("bpfinit.io/accelerate-skip-waitall-check", "false"),
+    ("bpfinit.io/accelerate-pod-to-pod", "true"),
+    ("bpfinit.io/accelerate-pod-to-pod", "false"),
     ("bpfinit.io/dns-capture", "false"),
     ("bpfinit.io/status", '{"version":1}'),
     ("unrelated/annotation", "anything at all"),
@@ -64,6 +66,9 @@ BAD = [
     ("bpfinit.io/accelerate-skip-waitall-check", "1", 'must be "true" or "false"'),
     ("bpfinit.io/accelerate-skip-waitall-check", "yes", 'must be "true" or "false"'),
     ("bpfinit.io/accelerate-skip-waitall-check", "", 'must be "true" or "false"'),
+    ("bpfinit.io/accelerate-pod-to-pod", "1", 'must be "true" or "false"'),
+    ("bpfinit.io/accelerate-pod-to-pod", "yes", 'must be "true" or "false"'),
+    ("bpfinit.io/accelerate-pod-to-pod", "", 'must be "true" or "false"'),
     ("bpfinit.io/status", "not json", "JSON record"),
 ]
 

@@ -150,14 +150,17 @@ def test_bpfinit_annotations_become_agent_flags():
     assert json.loads(after["metadata"]["annotations"]["bpfinit.io/status"])["accelerate"] is False
 
 
-# The acceleration self-test waivers: (pod annotation, agent flag, env alias the flag beats)
+# The acceleration self-test waivers, and pod-to-pod (same plumbing): (pod annotation, agent flag, env alias the
+# flag beats)
 WAIVERS = [
     ("bpfinit.io/accelerate-skip-splice-check", "--accelerate-skip-splice-check", "BPFINIT_ACCEL_SKIP_SPLICE_CHECK"),
     ("bpfinit.io/accelerate-skip-backpressure-check", "--accelerate-skip-backpressure-check",
      "BPFINIT_ACCEL_SKIP_BACKPRESSURE_CHECK"),
     ("bpfinit.io/accelerate-skip-waitall-check", "--accelerate-skip-waitall-check", "BPFINIT_ACCEL_SKIP_WAITALL_CHECK"),
+    ("bpfinit.io/accelerate-pod-to-pod", "--accelerate-pod-to-pod", "BPFINIT_ACCEL_POD_TO_POD"),
 ]
-waivers = pytest.mark.parametrize("annotation, flag, env", WAIVERS, ids=["splice", "backpressure", "waitall"])
+waivers = pytest.mark.parametrize("annotation, flag, env", WAIVERS,
+                                  ids=["splice", "backpressure", "waitall", "pod-to-pod"])
 
 
 @waivers
@@ -205,18 +208,19 @@ def test_waiver_false_beats_the_env(annotation, flag, env):
     assert not any(a.startswith(flag) for a in agent_of(no_annotation)["args"])
 
 
-def test_all_waivers_in_a_fixed_order_splice_first_waitall_last():
+def test_all_waivers_in_a_fixed_order_splice_first_pod_to_pod_last():
     pod = hello()
-    (skip_splice, _, _), (skip_backpressure, _, _), (skip_waitall, _, _) = WAIVERS
-    # annotation insertion order must not matter: waitall and backpressure given first, splice still comes
-    # first and waitall last
-    pod["metadata"]["annotations"].update({skip_waitall: "true", skip_backpressure: "false",
+    (skip_splice, _, _), (skip_backpressure, _, _), (skip_waitall, _, _), (pod_to_pod, _, _) = WAIVERS
+    # annotation insertion order must not matter: pod-to-pod, waitall and backpressure given first, splice still
+    # comes first and pod-to-pod last
+    pod["metadata"]["annotations"].update({pod_to_pod: "true", skip_waitall: "true", skip_backpressure: "false",
                                            "bpfinit.io/accelerate": "true", skip_splice: "true",
                                            "bpfinit.io/dns-capture": "true"})
     after = apply(pod, mutate(pod, SETTINGS))
-    assert agent_of(after)["args"][-5:] == ["--accelerate", "--accelerate-skip-splice-check",
+    assert agent_of(after)["args"][-6:] == ["--accelerate", "--accelerate-skip-splice-check",
                                             "--accelerate-skip-backpressure-check=false",
-                                            "--accelerate-skip-waitall-check", "--redirect-dns=true"]
+                                            "--accelerate-skip-waitall-check", "--accelerate-pod-to-pod",
+                                            "--redirect-dns=true"]
 
 
 def test_egress_allow_list_becomes_agent_flag():
@@ -245,6 +249,7 @@ def test_bad_egress_allow_value_leaves_pod_with_warning_not_broken_agent():
     ("bpfinit.io/accelerate-skip-splice-check", "True"),
     ("bpfinit.io/accelerate-skip-backpressure-check", "True"),
     ("bpfinit.io/accelerate-skip-waitall-check", "True"),
+    ("bpfinit.io/accelerate-pod-to-pod", "True"),
 ])
 def test_bad_annotation_values_deny_naming_annotation_and_value(key, value):
     pod = hello()

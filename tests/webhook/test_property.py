@@ -25,7 +25,7 @@ ANNOTATION_KEYS = [
     "istio.io/reroute-virtual-interfaces", "status.sidecar.istio.io/port", "sidecar.istio.io/interceptionMode",
     "proxy.istio.io/config", "bpfinit.io/inject", "bpfinit.io/accelerate", "bpfinit.io/dns-capture",
     "bpfinit.io/accelerate-skip-splice-check", "bpfinit.io/accelerate-skip-backpressure-check",
-    "bpfinit.io/accelerate-skip-waitall-check",
+    "bpfinit.io/accelerate-skip-waitall-check", "bpfinit.io/accelerate-pod-to-pod",
     "bpfinit.io/status", "odd~key/with/slash", "~1", "kubernetes.io/config.mirror",
 ]
 port = st.integers(0, 70000).map(str)
