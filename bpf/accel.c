@@ -150,7 +150,7 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
         struct bi_accel_state *st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
         if (!st)
             return;
-        st->pod_peer = 1;
+        st->pod_peer = outbound ? 1 : 2;
         st->peer_snd0 = rcv0;
         st->peer_rcv0 = snd0;
     }
@@ -241,7 +241,8 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
         st->tcp_sent = 1;
     struct pod_cfg *cfg = pod_by_netns.lookup(&own_ns);
     if (cfg && peer.family) {
-        int outbound = peer.lport == cfg->proxy_port || peer.rport == cfg->proxy_port;
+        int outbound = st && st->pod_peer ? st->pod_peer == 1
+                                          : peer.lport == cfg->proxy_port || peer.rport == cfg->proxy_port;
         BI_TUPLE(t);
         BI_FLOW(bi_flow_from_peer_key, t, &peer);
         BI_RECORD(msg, cfg->pod_idx, outbound ? DIR_OUTBOUND : DIR_INBOUND, VERDICT_REDIRECTED,

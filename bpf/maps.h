@@ -204,7 +204,8 @@ BPF_SOCKHASH(bi_accel_socks, struct bi_sock_key, 65536);
 /* Per accelerated socket. tcp_sent: set once sk_msg let one of its messages take the TCP path (its peer
  * was not in the map yet). From then on it never redirects: bytes redirected later would land in the
  * peer's psock queue, which the reader drains before its TCP receive queue, so they would overtake the
- * earlier ones. pod_peer: a pod-to-pod socket, which redirects only to the socket whose initial sequence
+ * earlier ones. pod_peer: a pod-to-pod socket (1: it connected, 2: it was accepted; for the events), which
+ * redirects only to the socket whose initial sequence
  * numbers mirror its own (peer_snd0/peer_rcv0, from its handshake): a transparent middlebox that keeps
  * both addresses (TPROXY) has its own sequence numbers, so its far side never matches. */
 struct bi_accel_state {

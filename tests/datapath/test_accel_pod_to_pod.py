@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from initagent import counters
 from tests.datapath import agentrun
 from tests.podenv import Cluster, bpffs_mount
 
@@ -107,6 +108,22 @@ def exchange(client, server, target: str) -> tuple[dict, dict, int]:
     return json.loads(res.stdout), json.loads(out.strip().splitlines()[-1]), sent
 
 
+def accel_counts(bpffs) -> dict:
+    """{(direction, reason): count} of the acceleration's decisions, over both pods (the agents' self-tests
+    count their own loopback connections: compare two readings)."""
+    out: dict = {}
+    for pod in counters.pod_counters(bpffs):
+        for row in pod["counters"]:
+            if row["verdict"] == "REDIRECTED" and row["reason"] in ("accel", "accel_tcp_path"):
+                key = (row["direction"], row["reason"])
+                out[key] = out.get(key, 0) + row["count"]
+    return out
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
 def check_bytes(client_view: dict, server_view: dict) -> None:
     assert server_view == {"got": SIZE, "sha": expected(0, SIZE)}
     assert client_view == {"got": SIZE, "sha": expected(7, SIZE)}
@@ -123,12 +140,17 @@ def test_pod_to_pod_connection(server_args, accelerated):
         for pod, args in ((client, ARGS), (server, server_args)):
             res = agentrun.setup(pod, bpffs, args)
             assert res.returncode == 0, res.stderr
+        before = accel_counts(bpffs)
         client_view, server_view, nic_sent = exchange(client, server, server.addr4)
+        decisions = delta(accel_counts(bpffs), before)
         check_bytes(client_view, server_view)
         if accelerated:
             assert nic_sent < SIZE // 8, nic_sent    # the 8 MiB answer never left the server pod's NIC
+            # one socket each side went into the sockhash, and none left it
+            assert decisions == {("OUTBOUND", "accel"): 1, ("INBOUND", "accel"): 1}
         else:
             assert nic_sent > SIZE, nic_sent
+            assert decisions == {}
 
 
 def test_a_transparent_middlebox_between_pods_sees_every_byte():
@@ -154,11 +176,16 @@ def test_a_transparent_middlebox_between_pods_sees_every_byte():
             assert res.returncode == 0, res.stderr
         box = cluster.popen([PY, "-c", MIDDLEBOX, "50080"])
         assert box.stdout.readline().strip() == "READY", box.stderr.read()
+        before = accel_counts(bpffs)
         client_view, server_view, _ = exchange(client, server, "10.251.2.2")
+        decisions = delta(accel_counts(bpffs), before)
         out, err = box.communicate(timeout=30)
         assert box.returncode == 0, err
         seen = json.loads(out.strip().splitlines()[-1])
         check_bytes(client_view, server_view)
+        # both sockets went into the sockhash, and each left it at its first write (the sequence numbers)
+        assert decisions == {("OUTBOUND", "accel"): 1, ("INBOUND", "accel"): 1,
+                             ("OUTBOUND", "accel_tcp_path"): 1, ("INBOUND", "accel_tcp_path"): 1}
         # the pods' sockets did share a 4-tuple, and every byte went through the middlebox
         assert seen["client"][0] == "10.251.1.2" and seen["server"] == ["10.251.2.2", PORT], seen
         assert seen["to_server"] == SIZE and seen["to_client"] == SIZE, seen
