@@ -142,14 +142,16 @@ static __always_inline void bi_sockops_established(struct bpf_sock_ops *skops, s
                   REASON_ACCEL_TCP_PATH, t);
         return;
     }
+    /* The state exists before the socket enters the map, so sk_msg can always pin it to TCP on a miss (an
+     * allocation there, in atomic context, could fail and leave a later redirect free to overtake). */
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return;
+    struct bi_accel_state *st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!st)
+        return;
     if (pod_peer) {
         /* what the peer's handshake must have recorded: our rcv_nxt is its snd_nxt and vice versa */
-        struct bpf_sock *sk = skops->sk;
-        if (!sk)
-            return;
-        struct bi_accel_state *st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-        if (!st)
-            return;
         st->pod_peer = outbound ? 1 : 2;
         st->peer_snd0 = rcv0;
         st->peer_rcv0 = snd0;
@@ -235,8 +237,10 @@ int bpfinit_sk_msg(struct sk_msg_md *msg)
         return SK_PASS;   /* redirected into the peer's receive queue */
     /* A miss (the peer's PASSIVE_ESTABLISHED has not run yet, e.g. behind TCP_DEFER_ACCEPT, or it is gone,
      * or it is not the socket our handshake met) or a peer holding too much unread: this message takes the
-     * normal path, never a drop, and so does every later one. */
-    st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+     * normal path, never a drop, and so does every later one. (sockops created the state with the entry;
+     * creating it here covers a socket put in the map by an older program.) */
+    if (!st)
+        st = bi_accel_tcp_path.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (st)
         st->tcp_sent = 1;
     struct pod_cfg *cfg = pod_by_netns.lookup(&own_ns);

@@ -201,7 +201,7 @@ struct bi_sock_key {
     __u32 _pad;                /* explicit: keys are zero-initialised and hashed whole */
 };
 BPF_SOCKHASH(bi_accel_socks, struct bi_sock_key, 65536);
-/* Per accelerated socket. tcp_sent: set once sk_msg let one of its messages take the TCP path (its peer
+/* Per accelerated socket, created by sockops before the socket enters the sockhash. tcp_sent: set once sk_msg let one of its messages take the TCP path (its peer
  * was not in the map yet). From then on it never redirects: bytes redirected later would land in the
  * peer's psock queue, which the reader drains before its TCP receive queue, so they would overtake the
  * earlier ones. pod_peer: a pod-to-pod socket (1: it connected, 2: it was accepted; for the events), which
