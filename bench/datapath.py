@@ -20,6 +20,11 @@ request (Connection: close) 16 connections, and 1 connection (unloaded latency).
 --runs rounds (>= 4). Output: bench/results/datapath-<ts>.json and .png (matplotlib, `pip install .[bench]`).
 Run as root:  .venv/bin/python bench/datapath.py [--runs 4] [--duration 5]
 Pool earlier runs:  .venv/bin/python bench/datapath.py --merge bench/results/datapath-X.json bench/results/datapath-Y.json
+Experiment, not the headline: `--idle-spin` keeps every vCPU from halting during each wrk window with one
+SCHED_IDLE busy loop per CPU (it only runs when nothing else wants the CPU, and stops after the window). On this
+VM the guest halts an idle vCPU at once (halt-polling is off on its kernel command line), so each wake-up of a
+halted vCPU is a VM exit; this shows how much of a config's throughput that costs. The spinners' CPU time is
+subtracted from the host's busy time.
 """
 from __future__ import annotations
 
@@ -107,6 +112,30 @@ COMMIT
 """
 
 
+SPIN = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    pass
+"""
+
+
+@contextlib.contextmanager
+def idle_spinners(seconds: float):
+    """One SCHED_IDLE busy loop per CPU for at most `seconds`; yields their pids."""
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN, str(cpu), str(seconds)])
+             for cpu in sorted(os.sched_getaffinity(0))]
+    try:
+        time.sleep(0.2)
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def host_busy_us() -> float:
     """Busy CPU time of the whole host (all CPUs, steal excluded), in microseconds."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -182,7 +211,8 @@ def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp"):
         yield client, server, sidecars, url
 
 
-def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp") -> dict:
+def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp",
+               idle_spin: bool = False) -> dict:
     results = {}
     with two_pods(config, bpffs, proxy_mode) as (client, server, sidecars, url):
         for mode, args in MODES.items():
@@ -191,10 +221,12 @@ def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp
             pids = [p.pid for p in sidecars]
             lo0 = [pod.lo_tx_bytes() for pod in (client, server)]
             eth0 = server.tx_bytes("eth0")
-            t0, h0, p0 = time.monotonic(), host_busy_us(), proc_cpu_us(pids)
-            out = client.run(["wrk", *args, f"-d{duration:g}s", "--latency", url], uid=1000, gid=1000,
-                             timeout=duration + 30)
-            t1, h1, p1 = time.monotonic(), host_busy_us(), proc_cpu_us(pids)
+            with (idle_spinners(duration + 3) if idle_spin else contextlib.nullcontext([])) as spin:
+                t0, h0, p0, s0 = time.monotonic(), host_busy_us(), proc_cpu_us(pids), proc_cpu_us(spin)
+                out = client.run(["wrk", *args, f"-d{duration:g}s", "--latency", url], uid=1000, gid=1000,
+                                 timeout=duration + 30)
+                t1, h1, p1, s1 = time.monotonic(), host_busy_us(), proc_cpu_us(pids), proc_cpu_us(spin)
+            h1 -= s1 - s0    # the spinners' time is not the config's
             lo1 = [pod.lo_tx_bytes() for pod in (client, server)]
             eth1 = server.tx_bytes("eth0")
             r = parse_wrk(out.stdout)
@@ -284,9 +316,13 @@ def merge(paths: list[str], out: Path) -> int:
     if len(modes) != 1:
         print(f"cannot pool different proxy modes: {sorted(modes)}", file=sys.stderr)
         return 2
+    if len({bool(r.get("idle_spin")) for r in results}) != 1:
+        print("cannot pool runs with and without --idle-spin", file=sys.stderr)
+        return 2
     runs = [run for r in results for run in r["raw"]]
     result = {"machine": results[-1]["machine"], "runs": len(runs), "duration_s": results[-1]["duration_s"],
-              "proxy_mode": modes.pop(), "merged_from": [Path(p).name for p in paths],
+              "proxy_mode": modes.pop(), "idle_spin": bool(results[-1].get("idle_spin")),
+              "merged_from": [Path(p).name for p in paths],
               "started": min(r["started"] for r in results), "raw": runs}
     return write_result(result, out, "datapath-merged")
 
@@ -309,6 +345,8 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--proxy-mode", choices=PROXY_MODES, default="tcp",
                     help="sidecars as TCP proxies (default, like Envoy's original-destination passthrough) or HTTP")
+    ap.add_argument("--idle-spin", action="store_true",
+                    help="experiment: keep idle vCPUs from halting during each window (SCHED_IDLE busy loops)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--merge", nargs="+", metavar="RESULT_JSON",
                     help="measure nothing: pool the runs of earlier result files (same proxy mode) into one summary")
@@ -331,14 +369,14 @@ def main() -> int:
             run = {}
             for config in order:
                 print(f"run {i + 1}/{args.runs} {config}", flush=True)
-                run[config] = one_config(config, args.duration, bpffs, args.proxy_mode)
+                run[config] = one_config(config, args.duration, bpffs, args.proxy_mode, args.idle_spin)
             runs.append(run)
     result = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                           "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
                           "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
               "runs": args.runs, "duration_s": args.duration, "proxy_mode": args.proxy_mode,
-              "started": started, "raw": runs}
-    return write_result(result, Path(args.out), "datapath")
+              "idle_spin": args.idle_spin, "started": started, "raw": runs}
+    return write_result(result, Path(args.out), "datapath-idlespin" if args.idle_spin else "datapath")
 
 
 if __name__ == "__main__":
