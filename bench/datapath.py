@@ -20,11 +20,13 @@ request (Connection: close) 16 connections, and 1 connection (unloaded latency).
 --runs rounds (>= 4). Output: bench/results/datapath-<ts>.json and .png (matplotlib, `pip install .[bench]`).
 Run as root:  .venv/bin/python bench/datapath.py [--runs 4] [--duration 5]
 Pool earlier runs:  .venv/bin/python bench/datapath.py --merge bench/results/datapath-X.json bench/results/datapath-Y.json
-Experiment, not the headline: `--idle-spin` keeps every vCPU from halting during each wrk window with one
-SCHED_IDLE busy loop per CPU (it only runs when nothing else wants the CPU, and stops after the window). On this
-VM the guest halts an idle vCPU at once (halt-polling is off on its kernel command line), so each wake-up of a
-halted vCPU is a VM exit; this shows how much of a config's throughput that costs. The spinners' CPU time is
-subtracted from the host's busy time.
+Experiments, not the headline. On this VM the guest halts an idle vCPU at once (halt-polling is off on its
+kernel command line), so each wake-up of a halted vCPU is a VM exit. Two ways to keep vCPUs from halting during
+each wrk window only:
+  --poll-idle  holds a PM QoS request of 0 µs on /dev/cpu_dma_latency (what latency-tuned hosts do): the idle
+               loop polls instead of halting, so a waker sets a flag instead of sending an IPI;
+  --idle-spin  runs one SCHED_IDLE busy loop per CPU (their CPU time is subtracted from the host's busy time).
+Results go to datapath-pollidle-*.json / datapath-idlespin-*.json and only pool with their own kind.
 """
 from __future__ import annotations
 
@@ -136,6 +138,25 @@ def idle_spinners(seconds: float):
             p.wait()
 
 
+@contextlib.contextmanager
+def poll_idle():
+    """A PM QoS CPU latency request of 0 µs while open: cpuidle keeps to its polling state."""
+    fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+    try:
+        os.write(fd, (0).to_bytes(4, sys.byteorder))
+        yield []
+    finally:
+        os.close(fd)
+
+
+def idle_mode_cm(mode: str, seconds: float):
+    if mode == "spin":
+        return idle_spinners(seconds)
+    if mode == "poll":
+        return poll_idle()
+    return contextlib.nullcontext([])
+
+
 def host_busy_us() -> float:
     """Busy CPU time of the whole host (all CPUs, steal excluded), in microseconds."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -212,7 +233,7 @@ def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp"):
 
 
 def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp",
-               idle_spin: bool = False) -> dict:
+               idle_mode: str = "halt") -> dict:
     results = {}
     with two_pods(config, bpffs, proxy_mode) as (client, server, sidecars, url):
         for mode, args in MODES.items():
@@ -221,7 +242,7 @@ def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp
             pids = [p.pid for p in sidecars]
             lo0 = [pod.lo_tx_bytes() for pod in (client, server)]
             eth0 = server.tx_bytes("eth0")
-            with (idle_spinners(duration + 3) if idle_spin else contextlib.nullcontext([])) as spin:
+            with idle_mode_cm(idle_mode, duration + 3) as spin:
                 t0, h0, p0, s0 = time.monotonic(), host_busy_us(), proc_cpu_us(pids), proc_cpu_us(spin)
                 out = client.run(["wrk", *args, f"-d{duration:g}s", "--latency", url], uid=1000, gid=1000,
                                  timeout=duration + 30)
@@ -309,6 +330,10 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+def idle_mode_of(result: dict) -> str:
+    return result.get("idle_mode") or ("spin" if result.get("idle_spin") else "halt")
+
+
 def merge(paths: list[str], out: Path) -> int:
     """Pool the runs of several result files into one summary (more runs, tighter ratios)."""
     results = [json.loads(Path(p).read_text()) for p in paths]
@@ -316,15 +341,17 @@ def merge(paths: list[str], out: Path) -> int:
     if len(modes) != 1:
         print(f"cannot pool different proxy modes: {sorted(modes)}", file=sys.stderr)
         return 2
-    if len({bool(r.get("idle_spin")) for r in results}) != 1:
-        print("cannot pool runs with and without --idle-spin", file=sys.stderr)
+    idle_modes = {idle_mode_of(r) for r in results}
+    if len(idle_modes) != 1:
+        print(f"cannot pool runs of different idle modes: {sorted(idle_modes)}", file=sys.stderr)
         return 2
     runs = [run for r in results for run in r["raw"]]
     result = {"machine": results[-1]["machine"], "runs": len(runs), "duration_s": results[-1]["duration_s"],
-              "proxy_mode": modes.pop(), "idle_spin": bool(results[-1].get("idle_spin")),
+              "proxy_mode": modes.pop(), "idle_mode": idle_modes.pop(),
               "merged_from": [Path(p).name for p in paths],
               "started": min(r["started"] for r in results), "raw": runs}
-    return write_result(result, out, "datapath-merged")
+    prefix = {"halt": "datapath-merged"}.get(result["idle_mode"], f"datapath-merged-{result['idle_mode']}")
+    return write_result(result, out, prefix)
 
 
 def write_result(result: dict, out: Path, prefix: str) -> int:
@@ -345,8 +372,11 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--proxy-mode", choices=PROXY_MODES, default="tcp",
                     help="sidecars as TCP proxies (default, like Envoy's original-destination passthrough) or HTTP")
-    ap.add_argument("--idle-spin", action="store_true",
-                    help="experiment: keep idle vCPUs from halting during each window (SCHED_IDLE busy loops)")
+    idle = ap.add_mutually_exclusive_group()
+    idle.add_argument("--poll-idle", action="store_true",
+                      help="experiment: idle vCPUs poll instead of halting during each window (PM QoS 0 µs)")
+    idle.add_argument("--idle-spin", action="store_true",
+                      help="experiment: keep idle vCPUs busy during each window (SCHED_IDLE busy loops)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--merge", nargs="+", metavar="RESULT_JSON",
                     help="measure nothing: pool the runs of earlier result files (same proxy mode) into one summary")
@@ -361,6 +391,7 @@ def main() -> int:
     if unknown:
         print(f"unknown configs: {sorted(unknown)}", file=sys.stderr)
         return 2
+    idle_mode = "poll" if args.poll_idle else "spin" if args.idle_spin else "halt"
     runs = []
     started = time.time()
     with bpffs_mount() as bpffs:
@@ -369,14 +400,15 @@ def main() -> int:
             run = {}
             for config in order:
                 print(f"run {i + 1}/{args.runs} {config}", flush=True)
-                run[config] = one_config(config, args.duration, bpffs, args.proxy_mode, args.idle_spin)
+                run[config] = one_config(config, args.duration, bpffs, args.proxy_mode, idle_mode)
             runs.append(run)
     result = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                           "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
                           "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
               "runs": args.runs, "duration_s": args.duration, "proxy_mode": args.proxy_mode,
-              "idle_spin": args.idle_spin, "started": started, "raw": runs}
-    return write_result(result, Path(args.out), "datapath-idlespin" if args.idle_spin else "datapath")
+              "idle_mode": idle_mode, "started": started, "raw": runs}
+    prefix = {"halt": "datapath", "spin": "datapath-idlespin", "poll": "datapath-pollidle"}[idle_mode]
+    return write_result(result, Path(args.out), prefix)
 
 
 if __name__ == "__main__":
