@@ -14,7 +14,7 @@ BENCHMARKS = [
     ("webhook admission latency", ["webhook_bench.py"]),
     ("agent setup time (cold/warm)", ["setup_time.py"]),
     ("connect cost vs exclusion CIDRs", ["cidr_scale.py"]),
-    ("datapath: no mesh / floor / iptables / bpfinit / accel", ["datapath.py"]),
+    ("datapath: no mesh / floor / iptables / bpfinit / accel / accel pod to pod", ["datapath.py"]),
     ("kernel cost of the programs per proxied request", ["bpf_cost.py"]),
     ("... with acceleration, keep-alive (sk_msg)", ["bpf_cost.py", "--config", "D_bpfinit_accel", "--mode",
                                                      "keepalive", "--out",
