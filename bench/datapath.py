@@ -8,14 +8,15 @@ Two "pods" (client, server; tests/podenv.py namespaces joined by a bridge), real
                 following SO_ORIGINAL_DST (conntrack)
   C  bpfinit  : `bpfinit-agent setup` in both pods + the same HAProxy sidecars
   D  bpfinit+accel : C with --accelerate: sk_msg carries the app<->sidecar hops on each pod's loopback; the
-                sidecar-to-sidecar hop stays TCP, as it does between pods on two nodes. On this kernel two parts of the self-test fail (sockmap data is invisible to splice(2),
-                and recv(MSG_WAITALL) / SO_RCVLOWAT are ignored), so D and E run with both waived (HAProxy and
-                wrk use neither here) and are labelled as such.
+                sidecar-to-sidecar hop stays TCP, as it does between pods on two nodes. On this kernel two parts
+                of the self-test fail (sockmap data is invisible to splice(2), and recv(MSG_WAITALL) /
+                SO_RCVLOWAT are ignored), so D and E run with both waived (HAProxy and wrk use neither here)
+                and are labelled as such.
   E  bpfinit+accel, pod to pod : D with --accelerate-pod-to-pod in both pods: the sidecar-to-sidecar hop, both
                 pods being on this node, also skips both stacks and the veth/bridge path.
 Sidecars: HAProxy `mode tcp` by default (the brief's stand-in for Envoy: one upstream connection per client
 connection, to the original destination); `--proxy-mode http` runs them as HTTP proxies that parse every request.
-Both sidecars are in the path for F, B, C, D. Load: wrk keep-alive 16 connections, new connection per
+Both sidecars are in the path for F, B, C, D, E. Load: wrk keep-alive 16 connections, new connection per
 request (Connection: close) 16 connections, and 1 connection (unloaded latency). Configs interleaved,
 --runs rounds (>= 4). Output: bench/results/datapath-<ts>.json and .png (matplotlib, `pip install .[bench]`).
 Run as root:  .venv/bin/python bench/datapath.py [--runs 4] [--duration 5]
@@ -147,6 +148,12 @@ def poll_idle():
         yield []
     finally:
         os.close(fd)
+
+
+# idle mode -> (prefix of a session's result file, prefix of a merged one); runs pool only with their own mode
+IDLE_MODES = {"halt": ("datapath", "datapath-merged"),
+              "poll": ("datapath-pollidle", "datapath-merged-poll"),
+              "spin": ("datapath-idlespin", "datapath-merged-spin")}
 
 
 def idle_mode_cm(mode: str, seconds: float):
@@ -350,8 +357,7 @@ def merge(paths: list[str], out: Path) -> int:
               "proxy_mode": modes.pop(), "idle_mode": idle_modes.pop(),
               "merged_from": [Path(p).name for p in paths],
               "started": min(r["started"] for r in results), "raw": runs}
-    prefix = {"halt": "datapath-merged"}.get(result["idle_mode"], f"datapath-merged-{result['idle_mode']}")
-    return write_result(result, out, prefix)
+    return write_result(result, out, IDLE_MODES[result["idle_mode"]][1])
 
 
 def write_result(result: dict, out: Path, prefix: str) -> int:
@@ -407,8 +413,7 @@ def main() -> int:
                           "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
               "runs": args.runs, "duration_s": args.duration, "proxy_mode": args.proxy_mode,
               "idle_mode": idle_mode, "started": started, "raw": runs}
-    prefix = {"halt": "datapath", "spin": "datapath-idlespin", "poll": "datapath-pollidle"}[idle_mode]
-    return write_result(result, Path(args.out), prefix)
+    return write_result(result, Path(args.out), IDLE_MODES[idle_mode][0])
 
 
 if __name__ == "__main__":

@@ -24,9 +24,24 @@ SIZE = 8 * 1024 * 1024
 ARGS = [*agentrun.TEMPLATE_ARGS[:-1], agentrun.TEMPLATE_ARGS[-1] + f",{PORT}",   # -d ...,9090
         "--accelerate", "--accelerate-skip-splice-check", "--accelerate-skip-waitall-check", "--accelerate-pod-to-pod"]
 
-# reads everything, then answers with as many bytes of its own; prints what it read
-SERVER = r"""
+# both ends: send n bytes of a pattern starting at `first`; read to EOF, returning {got, sha}
+STREAM = r"""
 import hashlib, json, socket, sys
+def send_pattern(c, first, n):
+    block = bytes((i + first) % 256 for i in range(251)) * 261
+    sent = 0
+    while sent < n:
+        k = min(len(block), n - sent)
+        c.sendall(block[:k]); sent += k
+def read_all(c):
+    h, got = hashlib.sha256(), 0
+    while chunk := c.recv(1 << 16):
+        h.update(chunk); got += len(chunk)
+    return {"got": got, "sha": h.hexdigest()}
+"""
+
+# reads everything, then answers with as many bytes of its own; prints what it read
+SERVER = STREAM + r"""
 port, n = int(sys.argv[1]), int(sys.argv[2])
 ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -34,32 +49,18 @@ ls.bind(("0.0.0.0", port)); ls.listen(1)
 print("READY", flush=True)
 ls.settimeout(30)
 c, _ = ls.accept(); c.settimeout(30)
-h, got = hashlib.sha256(), 0
-while chunk := c.recv(1 << 16):
-    h.update(chunk); got += len(chunk)
-block = bytes((i + 7) % 256 for i in range(251)) * 261
-sent = 0
-while sent < n:
-    k = min(len(block), n - sent)
-    c.sendall(block[:k]); sent += k
+seen = read_all(c)
+send_pattern(c, 7, n)
 c.close()
-print(json.dumps({"got": got, "sha": h.hexdigest()}))
+print(json.dumps(seen))
 """
 
-CLIENT = r"""
-import hashlib, json, socket, sys
+CLIENT = STREAM + r"""
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 c = socket.create_connection((host, port), timeout=30)
-block = bytes(range(251)) * 261
-sent = 0
-while sent < n:
-    k = min(len(block), n - sent)
-    c.sendall(block[:k]); sent += k
+send_pattern(c, 0, n)
 c.shutdown(socket.SHUT_WR)
-h, got = hashlib.sha256(), 0
-while chunk := c.recv(1 << 16):
-    h.update(chunk); got += len(chunk)
-print(json.dumps({"got": got, "sha": h.hexdigest()}))
+print(json.dumps(read_all(c)))
 """
 
 # a transparent middlebox in the cluster netns (TPROXY): it terminates the client's connection and opens
