@@ -28,6 +28,8 @@ each wrk window only:
                loop polls instead of halting, so a waker sets a flag instead of sending an IPI;
   --idle-spin  runs one SCHED_IDLE busy loop per CPU (their CPU time is subtracted from the host's busy time).
 Results go to datapath-pollidle-*.json / datapath-idlespin-*.json and only pool with their own kind.
+  --app nginx  serves the app with nginx-light (one worker), the app the measurement document's figures used,
+               instead of HAProxy; results go to datapath[-...]-nginx-*.json and pool only with their own app.
 """
 from __future__ import annotations
 
@@ -72,6 +74,56 @@ frontend app
 """
 
 PROXY_MODES = ("tcp", "http")
+
+# `--app nginx`: the server app the measurement document's figures were taken with (nginx-light), one worker
+# like the HAProxy app's one thread. Keep-alive connections are never closed by the app.
+NGINX_APP_CFG = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 8000; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000000;
+    keepalive_timeout 60s;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 8080;
+        listen [::]:8080;
+        location / {{ default_type text/plain; return 200 "hello from the app"; }}
+    }}
+}}
+"""
+APPS = ("haproxy", "nginx")
+
+
+class NginxApp(HAProxy):
+    """nginx-light in the foreground, managed like the HAProxy app (same start, readiness wait and stop)."""
+
+    config_name = "nginx.conf"
+
+    def __init__(self, pod, *, uid: int, name: str = "app"):
+        super().__init__(pod, "", uid=uid, listen=(8080,), name=name)
+
+    def command(self, cfg: Path) -> list[str]:
+        tmp = cfg.parent / "tmp"                 # nginx writes its pid and temp files as `uid`
+        tmp.mkdir()
+        os.chown(tmp, self.uid, self.uid)
+        cfg.write_text(NGINX_APP_CFG.format(tmp=tmp))
+        return ["nginx", "-p", str(tmp), "-c", str(cfg), "-e", "stderr"]
+
+
+def app_server(pod, app: str):
+    """The server pod's HTTP app on :8080, as uid 1000 (outside the proxy's uid)."""
+    if app == "nginx":
+        return NginxApp(pod, uid=1000)
+    return HAProxy(pod, APP_CFG, uid=1000, name="app")
 
 
 def sidecar_mesh(proxy_mode: str) -> str:
@@ -209,13 +261,13 @@ def parse_wrk(out: str) -> dict:
 
 
 @contextlib.contextmanager
-def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp"):
+def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp", app: str = "haproxy"):
     """The client and server pods of `config`, app and sidecars running and checked with one request.
     Yields (client, server, sidecars, url)."""
     with Cluster() as cluster, contextlib.ExitStack() as proxies:
         client, server = cluster.add_pod("bcl"), cluster.add_pod("bsv")
         server.popen(["true"]).wait()
-        proxies.enter_context(HAProxy(server, APP_CFG, uid=1000, name="app"))   # ready when listening
+        proxies.enter_context(app_server(server, app))   # ready when listening
         sidecars = []
         if config == "B_iptables":
             for pod in (client, server):
@@ -240,9 +292,9 @@ def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp"):
 
 
 def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp",
-               idle_mode: str = "halt") -> dict:
+               idle_mode: str = "halt", app: str = "haproxy") -> dict:
     results = {}
-    with two_pods(config, bpffs, proxy_mode) as (client, server, sidecars, url):
+    with two_pods(config, bpffs, proxy_mode, app) as (client, server, sidecars, url):
         for mode, args in MODES.items():
             time.sleep(1.0)
             load = Path("/proc/loadavg").read_text().split()[:3]
@@ -295,13 +347,11 @@ def summarize(runs: list[dict]) -> dict:
     ratios: dict = {}
     for config in CONFIGS:
         for mode in ("keepalive", "close"):
-            try:
-                rps = summary[config][mode]["rps"]
+            rps = summary.get(config, {}).get(mode, {}).get("rps")
+            refs = {ref: summary.get(ref, {}).get(mode, {}).get("rps") for ref in ("A_nomesh", "F_floor", "B_iptables")}
+            if rps:     # a run of a subset of the configs has ratios to the references it measured
                 ratios.setdefault(config, {})[mode] = {
-                    f"vs_{ref}": round(rps / summary[ref][mode]["rps"], 3)
-                    for ref in ("A_nomesh", "F_floor", "B_iptables")}
-            except (KeyError, TypeError, ZeroDivisionError):
-                pass
+                    f"vs_{ref}": round(rps / ref_rps, 3) for ref, ref_rps in refs.items() if ref_rps}
         try:
             ratios.setdefault(config, {})["p99_keepalive_vs_B"] = round(
                 summary[config]["keepalive"]["p99_ms"] / summary["B_iptables"]["keepalive"]["p99_ms"], 3)
@@ -331,7 +381,8 @@ def plot(result: dict, path: Path) -> bool:
         ax.set_xticklabels([l.split("_", 1)[1] for l in labels], rotation=20)
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"bpfinit datapath, {result['machine']['kernel']}, {result['machine']['cpus']} vCPU, "
-                 f"HAProxy sidecars in {result.get('proxy_mode', 'http')} mode, {result['runs']} interleaved runs")
+                 f"HAProxy sidecars in {result.get('proxy_mode', 'http')} mode, app {result.get('app', 'haproxy')}, "
+                 f"{result['runs']} interleaved runs")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return True
@@ -339,6 +390,13 @@ def plot(result: dict, path: Path) -> bool:
 
 def idle_mode_of(result: dict) -> str:
     return result.get("idle_mode") or ("spin" if result.get("idle_spin") else "halt")
+
+
+def result_prefix(result: dict, merged: bool = False) -> str:
+    """File name prefix: idle mode first (IDLE_MODES), then the app when it is not the default."""
+    prefix = IDLE_MODES[idle_mode_of(result)][1 if merged else 0]
+    app = result.get("app", "haproxy")
+    return prefix if app == "haproxy" else f"{prefix}-{app}"
 
 
 def merge(paths: list[str], out: Path) -> int:
@@ -352,12 +410,16 @@ def merge(paths: list[str], out: Path) -> int:
     if len(idle_modes) != 1:
         print(f"cannot pool runs of different idle modes: {sorted(idle_modes)}", file=sys.stderr)
         return 2
+    apps = {r.get("app", "haproxy") for r in results}
+    if len(apps) != 1:
+        print(f"cannot pool runs with different server apps: {sorted(apps)}", file=sys.stderr)
+        return 2
     runs = [run for r in results for run in r["raw"]]
     result = {"machine": results[-1]["machine"], "runs": len(runs), "duration_s": results[-1]["duration_s"],
-              "proxy_mode": modes.pop(), "idle_mode": idle_modes.pop(),
+              "proxy_mode": modes.pop(), "idle_mode": idle_modes.pop(), "app": apps.pop(),
               "merged_from": [Path(p).name for p in paths],
               "started": min(r["started"] for r in results), "raw": runs}
-    return write_result(result, out, IDLE_MODES[result["idle_mode"]][1])
+    return write_result(result, out, result_prefix(result, merged=True))
 
 
 def write_result(result: dict, out: Path, prefix: str) -> int:
@@ -378,6 +440,9 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--proxy-mode", choices=PROXY_MODES, default="tcp",
                     help="sidecars as TCP proxies (default, like Envoy's original-destination passthrough) or HTTP")
+    ap.add_argument("--app", choices=APPS, default="haproxy",
+                    help="the server pod's app: HAProxy `http-request return` (default, the fastest here) or "
+                         "nginx-light (the app of the measurement document's figures)")
     idle = ap.add_mutually_exclusive_group()
     idle.add_argument("--poll-idle", action="store_true",
                       help="experiment: idle vCPUs poll instead of halting during each window (PM QoS 0 µs)")
@@ -406,14 +471,14 @@ def main() -> int:
             run = {}
             for config in order:
                 print(f"run {i + 1}/{args.runs} {config}", flush=True)
-                run[config] = one_config(config, args.duration, bpffs, args.proxy_mode, idle_mode)
+                run[config] = one_config(config, args.duration, bpffs, args.proxy_mode, idle_mode, args.app)
             runs.append(run)
     result = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                           "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
                           "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
               "runs": args.runs, "duration_s": args.duration, "proxy_mode": args.proxy_mode,
-              "idle_mode": idle_mode, "started": started, "raw": runs}
-    return write_result(result, Path(args.out), IDLE_MODES[idle_mode][0])
+              "idle_mode": idle_mode, "app": args.app, "started": started, "raw": runs}
+    return write_result(result, Path(args.out), result_prefix(result))
 
 
 if __name__ == "__main__":

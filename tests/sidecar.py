@@ -79,12 +79,12 @@ class HAProxy:
     def start(self) -> "HAProxy":
         self.dir = Path(tempfile.mkdtemp(prefix=f"bpfinit-{self.name}-"))
         self.dir.chmod(0o755)          # the proxy uid must read its config
-        cfg = self.dir / "haproxy.cfg"
+        cfg = self.dir / self.config_name
         cfg.write_text(self.config)
         cfg.chmod(0o644)
         # output to a file, not a pipe nobody reads (a full pipe would stall HAProxy)
         with open(self.dir / "haproxy.log", "w") as log:
-            self.proc = self.pod.popen(["haproxy", "-db", "-f", str(cfg)], uid=self.uid, gid=self.uid,
+            self.proc = self.pod.popen(self.command(cfg), uid=self.uid, gid=self.uid,
                                        stdout=log, stderr=subprocess.STDOUT)
         try:
             self._wait_listening()
@@ -92,6 +92,12 @@ class HAProxy:
             self.stop()
             raise
         return self
+
+    config_name = "haproxy.cfg"
+
+    def command(self, cfg: Path) -> list[str]:
+        """The foreground command line that runs `cfg` (a subclass may run another server the same way)."""
+        return ["haproxy", "-db", "-f", str(cfg)]
 
     def _wait_listening(self) -> None:
         deadline = time.monotonic() + self.timeout

@@ -1,5 +1,5 @@
-"""bench/datapath.py --merge pools only like with like: the same proxy mode and the same vCPU idle mode (runs
-taken with --poll-idle or --idle-spin never mix with the headline runs)."""
+"""bench/datapath.py --merge pools only like with like: the same proxy mode, the same vCPU idle mode (runs
+taken with --poll-idle or --idle-spin never mix with the headline runs) and the same server app."""
 from __future__ import annotations
 
 import importlib.util
@@ -46,8 +46,8 @@ def test_merge_pools_runs_of_one_idle_mode(datapath, tmp_path):
     assert merged["ratios"]["E_bpfinit_accel_pod_to_pod"]["keepalive"]["vs_B_iptables"] == 2.0
 
 
-@pytest.mark.parametrize("other", [{"idle_mode": "poll"}, {"idle_spin": True}, {"proxy_mode": "http"}],
-                         ids=["poll", "spin", "http"])
+@pytest.mark.parametrize("other", [{"idle_mode": "poll"}, {"idle_spin": True}, {"proxy_mode": "http"},
+                                   {"app": "nginx"}], ids=["poll", "spin", "http", "nginx"])
 def test_merge_refuses_to_mix(datapath, tmp_path, capsys, other):
     a = result_file(tmp_path, "a.json", 100.0)
     b = result_file(tmp_path, "b.json", 100.0, **other)
@@ -61,3 +61,18 @@ def test_merged_poll_runs_keep_their_own_name(datapath, tmp_path):
     files = [result_file(tmp_path, f"{i}.json", 100.0, idle_mode="poll") for i in range(2)]
     assert datapath.merge(files, out) == 0
     assert [p.name.startswith("datapath-merged-poll-") for p in out.glob("*.json")] == [True]
+
+
+def test_merged_nginx_runs_keep_their_own_name(datapath, tmp_path):
+    out = tmp_path / "out"
+    files = [result_file(tmp_path, f"{i}.json", 100.0, app="nginx") for i in range(2)]
+    assert datapath.merge(files, out) == 0
+    assert [p.name.startswith("datapath-merged-nginx-") for p in out.glob("*.json")] == [True]
+    assert json.loads(next(out.glob("*.json")).read_text())["app"] == "nginx"
+
+
+def test_ratios_of_a_subset_use_the_references_it_measured(datapath):
+    run = {c: {m: window(rps) for m in ("keepalive", "close")}
+           for c, rps in (("B_iptables", 100.0), ("E_bpfinit_accel_pod_to_pod", 170.0))}
+    ratios = datapath.summarize([run])["ratios"]
+    assert ratios["E_bpfinit_accel_pod_to_pod"]["keepalive"] == {"vs_B_iptables": 1.7}
