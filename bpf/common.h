@@ -218,14 +218,67 @@ static __always_inline int sent_to_connected_peer(struct bpf_sock_addr *ctx, con
            sk->dst_ip6[2] == ctx->user_ip6[2] && sk->dst_ip6[3] == ctx->user_ip6[3];
 }
 
-/* The calling task as a subject of the egress guard: its pod's config when the guard is on for that pod
- * and the caller is not the proxy (the proxy's own traffic is the mesh's egress), else NULL. */
-static __always_inline struct pod_cfg *guard_subject(__u64 cookie, __u32 *uid, __u32 *gid)
+/* ------------------------------------------------------------------ whose socket (iptables -m owner) */
+
+/* iptables' owner match compares the fsuid/fsgid of the credentials the socket's FILE was opened with
+ * (sk->sk_socket->file->f_cred), not the ids of the task calling connect()/sendmsg() now. They differ
+ * after a setuid between socket() and connect(), for a socket handed to another process, and in a setuid
+ * binary (fsuid follows the euid; bpf_get_current_uid_gid() gives the real ids). The agent passes the
+ * running kernel's field offsets, from its BTF (initagent/owner.py), and these helpers follow the same
+ * pointers. Without the offsets (no BTF, or lockdown forbids reading kernel memory), or if a read fails,
+ * the calling task's real ids stand in. Both return gid << 32 | uid in init_user_ns, the form
+ * bpf_get_current_uid_gid() has. */
+#ifdef BI_OWNER_FROM_FILE
+static __always_inline int bi_cred_fs_ids(__u64 cred, __u64 *ids)
+{
+    __u32 fsuid = 0, fsgid = 0;
+    if (!cred || bpf_probe_read_kernel(&fsuid, sizeof(fsuid), (void *)(cred + BI_CRED_FSUID_OFF)) < 0 ||
+        bpf_probe_read_kernel(&fsgid, sizeof(fsgid), (void *)(cred + BI_CRED_FSGID_OFF)) < 0)
+        return 0;
+    *ids = (__u64)fsgid << 32 | fsuid;
+    return 1;
+}
+
+static __always_inline int bi_read_ptr(__u64 *out, __u64 from, __u32 offset)
+{
+    return from && bpf_probe_read_kernel(out, sizeof(*out), (void *)(from + offset)) == 0 && *out;
+}
+#endif
+
+/* The owner of the socket a sock_addr hook (connect, sendmsg) runs for. The hook's kernel context
+ * (struct bpf_sock_addr_kern) starts with the struct sock pointer. */
+static __always_inline __u64 socket_owner_ids(struct bpf_sock_addr *ctx)
+{
+#ifdef BI_OWNER_FROM_FILE
+    __u64 sk = 0, sock = 0, file = 0, cred = 0, ids = 0;
+    if (bpf_probe_read_kernel(&sk, sizeof(sk), (void *)((char *)ctx + BI_SA_KERN_SK_OFF)) == 0 &&
+        bi_read_ptr(&sock, sk, BI_SK_SOCKET_OFF) && bi_read_ptr(&file, sock, BI_SOCKET_FILE_OFF) &&
+        bi_read_ptr(&cred, file, BI_FILE_CRED_OFF) && bi_cred_fs_ids(cred, &ids))
+        return ids;
+#endif
+    return bpf_get_current_uid_gid();
+}
+
+/* The owner a socket being created (cgroup/sock_create) will have: its file is opened right after this
+ * hook, with the creating task's current credentials. */
+static __always_inline __u64 creator_owner_ids(void)
+{
+#ifdef BI_OWNER_FROM_FILE
+    __u64 cred = 0, ids = 0;
+    if (bi_read_ptr(&cred, bpf_get_current_task(), BI_TASK_CRED_OFF) && bi_cred_fs_ids(cred, &ids))
+        return ids;
+#endif
+    return bpf_get_current_uid_gid();
+}
+
+/* The socket's owner as a subject of the egress guard: its pod's config when the guard is on for that pod
+ * and the owner (`ug`, from the helpers above) is not the proxy (the proxy's own traffic is the mesh's
+ * egress), else NULL. */
+static __always_inline struct pod_cfg *guard_subject(__u64 cookie, __u64 ug, __u32 *uid, __u32 *gid)
 {
     struct pod_cfg *cfg = pod_by_netns.lookup(&cookie);
     if (!cfg || !(cfg->flags & CFG_EGRESS_GUARD))
         return 0;
-    __u64 ug = bpf_get_current_uid_gid();
     *uid = (__u32)ug;
     *gid = (__u32)(ug >> 32);
     if (is_proxy_identity(cfg->pod_idx, *uid, *gid))
@@ -243,7 +296,7 @@ static __always_inline int udp_send_guard(struct bpf_sock_addr *ctx, const struc
         return 1;
     if (sent_to_connected_peer(ctx, hook6))
         return 1;
-    __u64 ug = bpf_get_current_uid_gid();
+    __u64 ug = socket_owner_ids(ctx);
     __u32 uid = (__u32)ug, gid = (__u32)(ug >> 32);
     if (is_proxy_identity(cfg->pod_idx, uid, gid))
         return 1;

@@ -99,7 +99,7 @@ static __always_inline int outbound_decide_early(const struct pod_cfg *cfg, cons
     act = owner_rules(cfg, r, is_lo, ID_PROXY_GID, cfg->first_gid, r->gid, reason);
     if (act >= 0)
         return act;
-    /* 10. owner groups (primary gid of the calling task; see agent.md for supplementary groups) */
+    /* 10. owner groups (the socket owner's fsgid, as iptables; see agent.md for supplementary groups) */
     if (owner_group_bypass(cfg, r->gid)) {
         *reason = REASON_OWNER_GROUP;
         return ACT_BYPASS;
@@ -158,9 +158,9 @@ static __always_inline int uncaptured_allowed(const struct pod_cfg *cfg, const s
     return is_proxy_identity(cfg->pod_idx, r->uid, r->gid) || egress_permitted(cfg, r->v6, r->dst, r->dport);
 }
 
-static __always_inline void fill_ids(struct out_req *r)
+static __always_inline void fill_ids(struct bpf_sock_addr *ctx, struct out_req *r)
 {
-    __u64 ug = bpf_get_current_uid_gid();
+    __u64 ug = socket_owner_ids(ctx);   /* the socket's owner, as iptables -m owner sees it (common.h) */
     r->uid = (__u32)ug;
     r->gid = (__u32)(ug >> 32);
 }
@@ -281,7 +281,7 @@ static __always_inline int outbound_hook(struct bpf_sock_addr *ctx, const int is
     r.v6 = sock_addr_dst(ctx, is6, r.dst, &mapped);
     __u16 port_be = (__u16)ctx->user_port;
     r.dport = bpf_ntohs(port_be);
-    fill_ids(&r);
+    fill_ids(ctx, &r);
     if (r.v6 && !(cfg->flags & CFG_IPV6)) {
         /* istio programs no ip6tables rules for an IPv4 pod: its IPv6 traffic bypasses the proxy */
         if (uncaptured_allowed(cfg, &r))

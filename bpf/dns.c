@@ -17,13 +17,14 @@
 /* istio's ISTIO_OUTPUT rules before the DNS ones, for UDP (TCP gets them from connect.c's
  * outbound_decide_early): -c NIC (route), proxy uid/gid (all protocols), owner groups. -o 53 switches
  * DNS capture off in the agent. Returns the bypass reason, or -1 when DNS capture applies. */
-static __always_inline int bi_dns_udp_bypass(struct pod_cfg *cfg, int v6, const __u32 *dst)
+static __always_inline int bi_dns_udp_bypass(struct bpf_sock_addr *ctx, struct pod_cfg *cfg, int v6,
+                                             const __u32 *dst)
 {
     __u32 idx = cfg->pod_idx;
     __u32 *via = cidr_lookup(v6, idx, CIDR_ROUTE, dst);
     if (via && *via)
         return REASON_INTERFACE;
-    __u64 ug = bpf_get_current_uid_gid();
+    __u64 ug = socket_owner_ids(ctx);
     __u32 gid = (__u32)(ug >> 32);
     if (id_member(idx, ID_PROXY_UID, (__u32)ug) || id_member(idx, ID_PROXY_GID, gid))
         return REASON_PROXY_UID;
@@ -79,7 +80,7 @@ static __always_inline int bi_dns_udp(struct bpf_sock_addr *ctx, struct pod_cfg 
     int v6 = sock_addr_dst(ctx, hook6, dst, &mapped);
     if (v6 && !(cfg->flags & CFG_IPV6))
         return BI_DNS_NOT_DNS;                  /* no ip6tables rules for an IPv4 pod */
-    int why = bi_dns_udp_bypass(cfg, v6, dst);
+    int why = bi_dns_udp_bypass(ctx, cfg, v6, dst);
     if (why >= 0)
         return why;
     if (!bi_dns_server_match(cfg, v6, dst))

@@ -41,7 +41,7 @@ int bpfinit_sock_create(struct bpf_sock *ctx)
         return 1;
     __u64 cookie = bpf_get_netns_cookie(ctx);
     __u32 uid, gid;
-    struct pod_cfg *cfg = guard_subject(cookie, &uid, &gid);
+    struct pod_cfg *cfg = guard_subject(cookie, creator_owner_ids(), &uid, &gid);
     if (!cfg)
         return 1;
 #if defined(BPFINIT_EVENTS_HELPERS)
@@ -75,7 +75,7 @@ static __always_inline int icmp_listed(__u32 pod_idx, int v6, const __u32 *dst)
 /* connect() of a ping socket under the guard (called by connect.c's connect4/6 for SOCK_DGRAM sockets that
  * are neither UDP nor UDP-Lite; `hook6` is its constant hook family). ICMP is never captured: every echo
  * bypasses the proxy.
- * Exempt as elsewhere: the proxy's uid/gid, destinations in the pod, the unspecified address. */
+ * Exempt as elsewhere: sockets the proxy's uid/gid owns, destinations in the pod, the unspecified address. */
 static __always_inline int ping_connect_guard(struct bpf_sock_addr *ctx, const int hook6)
 {
     if (ctx->type != SOCK_DGRAM)
@@ -85,7 +85,7 @@ static __always_inline int ping_connect_guard(struct bpf_sock_addr *ctx, const i
         return 1;
     __u64 cookie = bpf_get_netns_cookie(ctx);
     __u32 uid, gid;
-    struct pod_cfg *cfg = guard_subject(cookie, &uid, &gid);
+    struct pod_cfg *cfg = guard_subject(cookie, socket_owner_ids(ctx), &uid, &gid);
     if (!cfg)
         return 1;
     __u32 dst[4] = {};

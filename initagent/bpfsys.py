@@ -40,7 +40,7 @@ MAP_TYPE = {"hash": 1, "array": 2, "perf_event_array": 4, "percpu_hash": 5, "per
             "lru_hash": 9, "lru_percpu_hash": 10, "lpm_trie": 11, "sockhash": 18, "sk_storage": 24,
             "ringbuf": 27}
 HELPER = {"map_lookup_elem": 1, "map_update_elem": 2, "map_delete_elem": 3, "ktime_get_ns": 5,
-          "get_current_uid_gid": 15, "perf_event_output": 25, "get_socket_cookie": 46,
+          "get_current_uid_gid": 15, "perf_event_output": 25, "get_current_task": 35, "get_socket_cookie": 46,
           "sock_hash_update": 70, "msg_redirect_hash": 71, "sk_release": 86, "sk_storage_get": 107,
           "probe_read_kernel": 113, "get_netns_cookie": 122, "sk_assign": 124, "ringbuf_reserve": 131, "ringbuf_submit": 132}
 

@@ -349,6 +349,14 @@ def accel_bound_check() -> dict:
                   False, "maps")
 
 
+def owner_match_check() -> dict:
+    """Kernel BTF lets the hooks match the socket file's owner, as iptables does (initagent/owner.py)."""
+    from initagent import owner
+    flags, mode = owner.owner_cflags()
+    return _check("owner match", True if flags else None, mode + ("" if flags else ": differs from iptables "
+                  "only for a socket created under another identity, or in a setuid binary"), False, "maps")
+
+
 def _check(name: str, ok: bool | None, detail: str, required: bool = True, group: str = "host") -> dict:
     status = "ok" if ok else ("missing" if required and ok is False else "warning")
     return {"check": name, "group": group, "required": required, "status": status,
@@ -420,6 +428,7 @@ def kernel_feature_checks(cgroup_root: Path | None) -> list[dict]:
     checks.append(_from_probe("map sk_storage", storage, "maps", "sk_storage maps (with BTF)",
                               "the original destination per socket at connect (SO_ORIGINAL_DST)", True, "5.2",
                               "created (BTF-typed value, as the build declares it)"))
+    checks.append(owner_match_check())   # optional: without BTF the calling task's ids stand in
     checks.append(accel_bound_check())   # optional: only --accelerate needs it
     if ring.available:
         checks.append(_check("event buffer", True, "BPF ring buffer (node-wide, ordered)", False, "maps"))
@@ -513,10 +522,12 @@ def run_checks(bpffs: str = "/sys/fs/bpf") -> list[dict]:
         pass
     checks.append(_check("bpffs", is_bpffs, f"{bpffs} {'is' if is_bpffs else 'is not'} a bpf mount"
                          + ("" if is_bpffs else f" (mount -t bpf bpf {bpffs})")))
-    # bcc compiles against kernel headers: vmlinux BTF is not needed (map BTF is probed with sk_storage).
+    # bcc compiles against kernel headers; vmlinux BTF only gives a few field offsets (map BTF is probed with
+    # sk_storage): see the "owner match" and "accel queue bound" checks.
     has_btf = Path("/sys/kernel/btf/vmlinux").exists()
     checks.append(_check("BTF", True if has_btf else None, "/sys/kernel/btf/vmlinux present" if has_btf else
-                         "/sys/kernel/btf/vmlinux absent: not needed (bcc compiles against kernel headers)",
+                         "/sys/kernel/btf/vmlinux absent: programs still compile (against kernel headers); the "
+                         "owner match and the acceleration's queue bound lose their exact forms",
                          required=False))
     try:
         found = headers.find()

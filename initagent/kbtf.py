@@ -109,9 +109,19 @@ class Btf:
         return None
 
 
+_parsed: dict[tuple[str, int, int], Btf] = {}
+
+
 def load(path: Path | None = None) -> Btf:
+    """The parsed BTF at `path` (the kernel's by default), parsed once per file version: a compile asks for
+    several offsets."""
     path = path or VMLINUX_BTF
     try:
-        return Btf(path.read_bytes())
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in _parsed:
+            _parsed.clear()
+            _parsed[key] = Btf(path.read_bytes())
+        return _parsed[key]
     except OSError as err:
         raise BtfError(f"cannot read {path}: {err.strerror}") from None

@@ -85,13 +85,17 @@ _OUTCOMES = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout", errno.EP
              errno.EACCES: "eperm", errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable"}
 
 
-def connect(host: str, port: int, src: str | None, timeout: float, fastopen: bool = False) -> dict:
+def connect(host: str, port: int, src: str | None, timeout: float, fastopen: bool = False,
+            before_connect=None) -> dict:
+    """`before_connect()`, if given, runs between socket() and connect() (e.g. to change identity)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         if src:
             sock.bind((src, 0))
+        if before_connect:
+            before_connect()
         if fastopen:
             sock.sendto(b"hello over fast open\n", socket.MSG_FASTOPEN, (host, port))
         else:

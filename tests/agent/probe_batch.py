@@ -8,11 +8,14 @@ with kind one of:
   "dns-udpc"   the same on a connected UDP socket (connect(), send(), recv());
   "dns-tcp"    the query over TCP (2-byte length framing). A JSON line instead of a DNS reply means a
                tests/probe.py server answered (e.g. the proxy's hairpin listener): reported as such.
+or ["owned", creator, user, probe]: the socket is created as `creator` and used (connect/sendto) as `user`,
+each [ruid, euid, rgid, egid] (fsuid/fsgid follow the effective ids); the batch must run as root.
 Prints one JSON list of outcomes. Bounded: at most 2000 probes, each with a 2 s timeout.
 """
 import errno
 import ipaddress
 import json
+import os
 import socket
 import struct
 import sys
@@ -51,13 +54,15 @@ def failure(exc: OSError) -> dict:
     return {"outcome": _OUTCOMES.get(exc.errno, "error"), "errno": exc.errno, "detail": str(exc)}
 
 
-def dns_probe(kind: str, host: str, port: int, src: str | None) -> dict:
+def dns_probe(kind: str, host: str, port: int, src: str | None, before_use=None) -> dict:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM if kind == "dns-tcp" else socket.SOCK_DGRAM)
     sock.settimeout(TIMEOUT_S)
     try:
         if src:
             sock.bind((src, 0))
+        if before_use:
+            before_use()
         if kind == "dns-udp":
             sock.sendto(dns_query(), (host, port))
             reply, peer = sock.recvfrom(4096)
@@ -91,14 +96,30 @@ def dns_probe(kind: str, host: str, port: int, src: str | None) -> dict:
         sock.close()
 
 
-def run(probe: list) -> dict:
+def become(ids: list) -> None:
+    """Real and effective ids [ruid, euid, rgid, egid]; the saved ids stay 0, so root can come back."""
+    os.setresuid(0, 0, 0)
+    ruid, euid, rgid, egid = ids
+    os.setresgid(rgid, egid, 0)
+    os.setresuid(ruid, euid, 0)
+
+
+def run(probe: list, before_use=None) -> dict:
+    if probe[0] == "owned":
+        _kind, creator, user, inner = probe
+        os.setgroups([])
+        become(creator)
+        try:
+            return run(inner, before_use=lambda: become(user))
+        finally:
+            become([0, 0, 0, 0])
     if len(probe) == 3 or probe[0] == "tcp":
         host, port, src = probe[-3:]
-        return connect(host, port, src, TIMEOUT_S)
+        return connect(host, port, src, TIMEOUT_S, before_connect=before_use)
     kind, host, port, src = probe
     if kind not in ("dns-udp", "dns-udpc", "dns-tcp"):
         return {"outcome": "error", "detail": f"unknown probe kind {kind!r}"}
-    return dns_probe(kind, host, port, src)
+    return dns_probe(kind, host, port, src, before_use)
 
 
 if __name__ == "__main__":

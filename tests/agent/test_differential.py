@@ -11,6 +11,8 @@ directly, or failed the same way ("refused" = RST, "timeout" = silently dropped:
 - Inbound: TCP to the pod's addresses on every port of the -b/-d lists (and others), from the node (the
   cluster netns), from another pod on the bridge, and through a second NIC `eth1` (the -k lists name
   eth0/eth1), v4 and v6, source address compared too; then again with nothing listening on <-z>.
+- Owner: sockets created under one identity and connected (or sent from) under another, and setuid/setgid
+  programs (ruid != euid): iptables matches the socket file's fsuid/fsgid, and so must bpfinit.
 - DNS: A queries over UDP (sendto and connected) and TCP to the resolv.conf nameservers (one in the pod
   at the goldens' 127.0.0.53, one in the peer netns) and to another server, from every identity, with a
   stand-in DNS proxy on 15053. The agent reads the same resolv.conf the golden rules were made from.
@@ -53,6 +55,20 @@ APP_PORTS = sorted(set(PORTS + INBOUND_PORTS))
 IDENTITIES = [(1000, 1000, None), (1337, 1337, None), (3, 1000, None), (4, 1000, None), (1000, 1, None),
               (1000, 2, None), (1000, 888, None), (1000, 202, None), (1000, 2021, None), (1000, 2022, None),
               (1000, 1000, [1337, 888, 202, 2021])]
+
+# A socket created under one identity and used (connect/sendto) under another, and setuid/setgid programs
+# (ruid != euid): iptables' -m owner sees the fsuid/fsgid the socket's file was opened with, so must bpfinit.
+# Each side is [ruid, euid, rgid, egid].
+APP_IDS, PROXY_IDS, ROOT_IDS = [1000, 1000, 1000, 1000], [1337, 1337, 1337, 1337], [0, 0, 0, 0]
+OWNED = [(PROXY_IDS, APP_IDS),                                  # the proxy's socket, used by the app
+         (APP_IDS, PROXY_IDS),                                  # the app's socket, used by the proxy
+         (ROOT_IDS, PROXY_IDS),                                 # setuid to the proxy after socket()
+         ([3, 3, 1000, 1000], APP_IDS),                         # a -u list member's socket (some goldens)
+         ([1000, 1337, 1000, 1000], [1000, 1337, 1000, 1000]),  # setuid-1337 program run by the app
+         ([1337, 1000, 1337, 1000], [1337, 1000, 1337, 1000]),  # ... and the other way round
+         ([1000, 1000, 1000, 1337], [1000, 1000, 1000, 1337])]  # setgid-1337 program
+OWNED_DSTS = [("10.1.2.3", 8080), ("127.0.0.5", 8080), ("SELF4", 8080), ("127.0.0.1", 15008)]
+OWNED_DSTS_V6 = [("2001:db8::5", 8080), ("SELF6", 8080)]
 
 # DNS: the goldens were made with resolv.conf `nameserver 127.0.0.53`. The test adds a second nameserver
 # in the peer netns; istio emits the same rules once per nameserver, so duplicating each 127.0.0.53 rule
@@ -244,6 +260,16 @@ def run_pod_probes(pod, n: Names, v6: bool) -> dict:
     return results
 
 
+def run_owned_probes(pod, n: Names, v6: bool) -> dict:
+    """OWNED x a few destinations, TCP and DNS (one root batch that switches ids per probe)."""
+    dsts = OWNED_DSTS + (OWNED_DSTS_V6 if v6 else [])
+    inner = [["tcp", d, p, None] for d, p in dsts] + [[k, NS_PEER, 53, None] for k in ("dns-udp", "dns-tcp")]
+    probes = [(creator, user, probe) for creator, user in OWNED for probe in inner]
+    concrete = [["owned", c, u, [k, n.addr(d), p, s]] for c, u, (k, d, p, s) in probes]
+    return {("owned", str(c), str(u), k, d, p): normalise(o, n)
+            for (c, u, (k, d, p, _s)), o in zip(probes, run_batch(pod.run, concrete))}
+
+
 def inbound_probes() -> list:
     dsts = ["SELF4", "SELF6"]
     return [["tcp", d, p, None] for d in dsts for p in INBOUND_PORTS + [15001, 15006]]
@@ -344,6 +370,19 @@ def test_same_outcomes_as_istio_iptables(cluster, build, bpffs, name, argv, env,
         got = run_pod_probes(ebpf, names["ebpf"], v6)
         msg = diff_message(expected, got, "from inside the pod")
         assert not msg, msg
+        owned_expected = run_owned_probes(ipt, names["ipt"], v6)
+        owned_got = run_owned_probes(ebpf, names["ebpf"], v6)
+        msg = diff_message(owned_expected, owned_got, "sockets used under another identity than their creator's")
+        assert not msg, msg
+        if 1337 in cfg.proxy_uids and expected[("out", "10.1.2.3", 8080, None, 1000, 1000, "None")][0] == "proxy15001":
+            # the owner decides, not the user: the proxy's socket used by the app bypasses, and the reverse
+            # is captured
+            tcp = {(str(c), str(u)): owned_expected[("owned", str(c), str(u), "tcp", "10.1.2.3", 8080)]
+                   for c, u in OWNED}
+            setuid = str([1000, 1337, 1000, 1000])
+            assert tcp[(str(PROXY_IDS), str(APP_IDS))][0] == "peer", tcp
+            assert tcp[(str(APP_IDS), str(PROXY_IDS))][0] == "proxy15001", tcp
+            assert tcp[(setuid, setuid)][0] == "peer", tcp
         expected_in = run_inbound(cluster, cluster.client, names["ipt"], "proxy-up")
         got_in = run_inbound(cluster, cluster.client, names["ebpf"], "proxy-up")
         msg = diff_message(expected_in, got_in, "inbound")
