@@ -2,14 +2,16 @@
 
 Events come from the node-wide `obs_events` ring buffer (perf buffer on kernels < 5.8) pinned under
 <bpffs>/bpfinit/<hash>/; pods are named through the `obs_identity` map (initagent/identity.py).
-Reading a BPF ring buffer consumes it: run one `observe` per node at a time (the exporter reads only
-counters, never events). Without --follow, observe drains what is buffered now and exits.
+Reading a BPF ring buffer consumes it: one `observe` per node reads at a time, enforced by a lock in bpffs
+(sole_reader; the exporter reads only counters, never events). Without --follow, observe drains what is buffered now and exits.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes as ct
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
@@ -329,6 +331,31 @@ class _Identities:
         return cache.get((pod_idx, family))
 
 
+READER_LOCK = "observe-lock"   # under <bpffs>/bpfinit (bpffs refuses dots): not a build, not a generation
+
+
+@contextlib.contextmanager
+def sole_reader(bpffs: Path):
+    """Hold the node's event-reader lock: an flock on a directory in bpffs, shared by every container that
+    mounts the node's bpffs, released when the process exits. Two readers of one ring buffer would each
+    get an unpredictable share of the events, with nothing telling either of them."""
+    lock = Path(bpffs) / "bpfinit" / READER_LOCK
+    try:
+        lock.mkdir(exist_ok=True)
+        fd = os.open(lock, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise ObserveError(f"cannot create the event-reader lock {lock}: {err.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ObserveError(f"another `bpfinit-agent observe` is reading this node's events (it holds {lock}); "
+                               "a ring buffer has one reader, so stop that one or give it the filters") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 class EventReader:
     """Polls every generation's event buffer; calls on_event(generation, raw_bytes)."""
 
@@ -455,13 +482,18 @@ class Observer:
                 if max_events is not None and self.matched >= max_events:
                     done = True
 
+        with sole_reader(self.bpffs):
+            return self._read(on_event, follow, timeout_s, stop, lambda: done)
+
+    def _read(self, on_event, follow: bool, timeout_s: float | None, stop: Callable[[], bool],
+              done: Callable[[], bool]) -> int:
         reader = EventReader(self.gens, on_event)
         try:
             if not follow:
                 reader.drain()
                 return self.matched
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            while not done and not stop():
+            while not done() and not stop():
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 reader.poll(100)

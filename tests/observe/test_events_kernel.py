@@ -155,6 +155,30 @@ def test_observe_follow_streams_new_events_and_stops_at_max_events(bpffs, pod, o
     assert [json.loads(line)["flow"]["verdict"] for line in out.splitlines()] == ["DENIED", "DENIED"]
 
 
+def test_a_second_reader_is_refused_while_the_first_reads(bpffs, pod, obsprog):
+    """One ring buffer, one reader: a second observe on the node says who has it instead of silently
+    sharing (and losing) events; once the first exits, the next one reads everything."""
+    identity.register(obsprog.pin_dir, 1, 7, "shop", "cart-1", {})
+    script_default(obsprog)
+    first = subprocess.Popen([sys.executable, "-m", "initagent.observe", "--bpffs", str(bpffs), "--follow",
+                              "--timeout", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        time.sleep(1.0)   # it holds the lock and the ring buffer now
+        second = run_observe(bpffs)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert "another `bpfinit-agent observe` is reading this node's events" in second.stderr
+        _out, err = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err
+    connect_many(pod, pod.peer_addr4, P_DENY, 2)
+    after = run_observe(bpffs)
+    assert after.returncode == 0, after.stderr
+    assert [json.loads(line)["flow"]["verdict"] for line in after.stdout.splitlines()] == ["DENIED", "DENIED"]
+
+
 def test_observe_errors_are_one_line(bpffs, tmp_path):
     res = run_observe(tmp_path)
     assert res.returncode == 2 and "no bpfinit programs are pinned" in res.stderr
