@@ -3,7 +3,8 @@
 Events come from the node-wide `obs_events` ring buffer (perf buffer on kernels < 5.8) pinned under
 <bpffs>/bpfinit/<hash>/; pods are named through the `obs_identity` map (initagent/identity.py).
 Reading a BPF ring buffer consumes it: one `observe` per node reads at a time, enforced by a lock in bpffs
-(sole_reader; the exporter reads only counters, never events). Without --follow, observe drains what is buffered now and exits.
+(sole_reader; the exporter reads only counters, never events). Without --follow, observe drains what is
+buffered now and exits.
 """
 from __future__ import annotations
 
