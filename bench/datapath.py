@@ -22,12 +22,16 @@ request (Connection: close) 16 connections, and 1 connection (unloaded latency).
 Run as root:  .venv/bin/python bench/datapath.py [--runs 4] [--duration 5]
 Pool earlier runs:  .venv/bin/python bench/datapath.py --merge bench/results/datapath-X.json bench/results/datapath-Y.json
 Experiments, not the headline. On this VM the guest halts an idle vCPU at once (halt-polling is off on its
-kernel command line), so each wake-up of a halted vCPU is a VM exit. Two ways to keep vCPUs from halting during
+kernel command line), so each wake-up of a halted vCPU is a VM exit. Three ways to keep vCPUs from halting during
 each wrk window only:
   --poll-idle  holds a PM QoS request of 0 µs on /dev/cpu_dma_latency (what latency-tuned hosts do): the idle
                loop polls instead of halting, so a waker sets a flag instead of sending an IPI;
+  --kernel-haltpoll  sets the haltpoll governor's guest_halt_poll_ns to Linux's default (200 µs, grown and
+               shrunk adaptively) instead of the 0 this VM boots with: an idle vCPU polls briefly before halting,
+               as on a KVM guest with default settings;
   --idle-spin  runs one SCHED_IDLE busy loop per CPU (their CPU time is subtracted from the host's busy time).
-Results go to datapath-pollidle-*.json / datapath-idlespin-*.json and only pool with their own kind.
+Results go to datapath-pollidle-*.json / datapath-haltpoll-*.json / datapath-idlespin-*.json and only pool with
+their own kind.
   --app nginx  serves the app with nginx-light (one worker), the app the measurement document's figures used,
                instead of HAProxy; results go to datapath[-...]-nginx-*.json and pool only with their own app.
 """
@@ -202,9 +206,28 @@ def poll_idle():
         os.close(fd)
 
 
+HALTPOLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+LINUX_DEFAULT_HALTPOLL_NS = 200_000   # drivers/cpuidle/governors/haltpoll.c: guest_halt_poll_ns
+
+
+@contextlib.contextmanager
+def kernel_haltpoll():
+    """The haltpoll governor with Linux's default poll window (200 µs, adaptive) instead of this VM's 0."""
+    try:
+        before = HALTPOLL_NS.read_text().strip()
+    except OSError as err:
+        raise SystemExit(f"--kernel-haltpoll needs the haltpoll cpuidle governor ({HALTPOLL_NS}: {err.strerror})")
+    HALTPOLL_NS.write_text(str(LINUX_DEFAULT_HALTPOLL_NS))
+    try:
+        yield []
+    finally:
+        HALTPOLL_NS.write_text(before)
+
+
 # idle mode -> (prefix of a session's result file, prefix of a merged one); runs pool only with their own mode
 IDLE_MODES = {"halt": ("datapath", "datapath-merged"),
               "poll": ("datapath-pollidle", "datapath-merged-poll"),
+              "haltpoll": ("datapath-haltpoll", "datapath-merged-haltpoll"),
               "spin": ("datapath-idlespin", "datapath-merged-spin")}
 
 
@@ -213,6 +236,8 @@ def idle_mode_cm(mode: str, seconds: float):
         return idle_spinners(seconds)
     if mode == "poll":
         return poll_idle()
+    if mode == "haltpoll":
+        return kernel_haltpoll()
     return contextlib.nullcontext([])
 
 
@@ -446,6 +471,9 @@ def main() -> int:
     idle = ap.add_mutually_exclusive_group()
     idle.add_argument("--poll-idle", action="store_true",
                       help="experiment: idle vCPUs poll instead of halting during each window (PM QoS 0 µs)")
+    idle.add_argument("--kernel-haltpoll", action="store_true",
+                      help="experiment: during each window, the haltpoll governor polls up to Linux's default "
+                           "200 µs before halting (this VM boots with 0)")
     idle.add_argument("--idle-spin", action="store_true",
                       help="experiment: keep idle vCPUs busy during each window (SCHED_IDLE busy loops)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -462,7 +490,8 @@ def main() -> int:
     if unknown:
         print(f"unknown configs: {sorted(unknown)}", file=sys.stderr)
         return 2
-    idle_mode = "poll" if args.poll_idle else "spin" if args.idle_spin else "halt"
+    idle_mode = ("poll" if args.poll_idle else "haltpoll" if args.kernel_haltpoll else
+                 "spin" if args.idle_spin else "halt")
     runs = []
     started = time.time()
     with bpffs_mount() as bpffs:

@@ -1,5 +1,5 @@
 """bench/datapath.py --merge pools only like with like: the same proxy mode, the same vCPU idle mode (runs
-taken with --poll-idle or --idle-spin never mix with the headline runs) and the same server app."""
+taken with --poll-idle, --kernel-haltpoll or --idle-spin never mix with the headline runs) and the same server app."""
 from __future__ import annotations
 
 import importlib.util
@@ -46,8 +46,9 @@ def test_merge_pools_runs_of_one_idle_mode(datapath, tmp_path):
     assert merged["ratios"]["E_bpfinit_accel_pod_to_pod"]["keepalive"]["vs_B_iptables"] == 2.0
 
 
-@pytest.mark.parametrize("other", [{"idle_mode": "poll"}, {"idle_spin": True}, {"proxy_mode": "http"},
-                                   {"app": "nginx"}], ids=["poll", "spin", "http", "nginx"])
+@pytest.mark.parametrize("other", [{"idle_mode": "poll"}, {"idle_mode": "haltpoll"}, {"idle_spin": True},
+                                   {"proxy_mode": "http"}, {"app": "nginx"}],
+                         ids=["poll", "haltpoll", "spin", "http", "nginx"])
 def test_merge_refuses_to_mix(datapath, tmp_path, capsys, other):
     a = result_file(tmp_path, "a.json", 100.0)
     b = result_file(tmp_path, "b.json", 100.0, **other)
