@@ -6,6 +6,7 @@ on the datapath; tests/observe/test_datapath_kernel.py repeats the key cases thr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -101,6 +102,21 @@ def run_observe(bpffs, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
+@contextlib.contextmanager
+def following_observe(bpffs, *args):
+    """`observe --follow ARGS` running in the background, reading the ring buffer after a second; killed if
+    still running when the block ends. Yields the process (communicate() it inside the block)."""
+    proc = subprocess.Popen([sys.executable, "-m", "initagent.observe", "--bpffs", str(bpffs), "--follow", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        time.sleep(1.0)   # let it take the lock and open the ring buffer
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_observe_cli_filters_select_exactly_the_expected_events(bpffs, pod, obsprog):
     identity.register(obsprog.pin_dir, 1, 7, "shop", "cart-1", {})
     identity.register(obsprog.pin_dir, 1, 8, "other", "web-1", {})
@@ -139,18 +155,10 @@ def test_observe_cli_filters_select_exactly_the_expected_events(bpffs, pod, obsp
 def test_observe_follow_streams_new_events_and_stops_at_max_events(bpffs, pod, obsprog):
     identity.register(obsprog.pin_dir, 1, 7, "shop", "cart-1", {})
     script_default(obsprog)
-    proc = subprocess.Popen([sys.executable, "-m", "initagent.observe", "--bpffs", str(bpffs), "--follow",
-                             "--verdict", "DENIED", "--max-events", "2", "--timeout", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        time.sleep(1.0)   # let it open the ring buffer
+    with following_observe(bpffs, "--verdict", "DENIED", "--max-events", "2", "--timeout", "30") as proc:
         connect_many(pod, pod.peer_addr4, P_BYPASS, 3)
         connect_many(pod, pod.peer_addr4, P_DENY, 3)
         out, err = proc.communicate(timeout=40)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert [json.loads(line)["flow"]["verdict"] for line in out.splitlines()] == ["DENIED", "DENIED"]
 
@@ -160,18 +168,11 @@ def test_a_second_reader_is_refused_while_the_first_reads(bpffs, pod, obsprog):
     sharing (and losing) events; once the first exits, the next one reads everything."""
     identity.register(obsprog.pin_dir, 1, 7, "shop", "cart-1", {})
     script_default(obsprog)
-    first = subprocess.Popen([sys.executable, "-m", "initagent.observe", "--bpffs", str(bpffs), "--follow",
-                              "--timeout", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        time.sleep(1.0)   # it holds the lock and the ring buffer now
+    with following_observe(bpffs, "--timeout", "3") as first:
         second = run_observe(bpffs)
         assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
         assert "another `bpfinit-agent observe` is reading this node's events" in second.stderr
         _out, err = first.communicate(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert first.returncode == 0, err
     connect_many(pod, pod.peer_addr4, P_DENY, 2)
     after = run_observe(bpffs)
