@@ -115,12 +115,14 @@ class NginxApp(HAProxy):
     def __init__(self, pod, *, uid: int, name: str = "app"):
         super().__init__(pod, "", uid=uid, listen=(8080,), name=name)
 
-    def command(self, cfg: Path) -> list[str]:
-        tmp = cfg.parent / "tmp"                 # nginx writes its pid and temp files as `uid`
+    def config_text(self, directory: Path) -> str:
+        tmp = directory / "tmp"                  # nginx writes its pid and temp files as `uid`
         tmp.mkdir()
         os.chown(tmp, self.uid, self.uid)
-        cfg.write_text(NGINX_APP_CFG.format(tmp=tmp))
-        return ["nginx", "-p", str(tmp), "-c", str(cfg), "-e", "stderr"]
+        return NGINX_APP_CFG.format(tmp=tmp)
+
+    def command(self, cfg: Path) -> list[str]:
+        return ["nginx", "-p", str(cfg.parent / "tmp"), "-c", str(cfg), "-e", "stderr"]
 
 
 def app_server(pod, app: str):

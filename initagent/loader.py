@@ -215,9 +215,8 @@ def _compile_and_pin(text: str, directory: Path, programs: list[ProgSpec], heade
     from initagent.accel import accel_cflags    # sk_rmem_alloc's offset, from the kernel's BTF
     from initagent.observe import event_cflags  # ring buffer, or perf buffer on kernels < 5.8
     from initagent.owner import owner_cflags    # socket owner as iptables sees it, from the kernel's BTF
-    owner_flags, _owner_mode = owner_cflags()
     cflags = (list(found.cflags) + [f"-I{BPF_DIR}", "-Wno-macro-redefined"] + event_cflags() + accel_cflags()
-              + owner_flags)
+              + owner_cflags()[0])
     try:
         bpf = BPF(text=text.encode(), cflags=cflags)
     except Exception as err:  # bcc raises bare Exception on compile errors (details on stderr)

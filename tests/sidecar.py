@@ -80,7 +80,7 @@ class HAProxy:
         self.dir = Path(tempfile.mkdtemp(prefix=f"bpfinit-{self.name}-"))
         self.dir.chmod(0o755)          # the proxy uid must read its config
         cfg = self.dir / self.config_name
-        cfg.write_text(self.config)
+        cfg.write_text(self.config_text(self.dir))
         cfg.chmod(0o644)
         # output to a file, not a pipe nobody reads (a full pipe would stall HAProxy)
         with open(self.dir / "haproxy.log", "w") as log:
@@ -94,6 +94,10 @@ class HAProxy:
         return self
 
     config_name = "haproxy.cfg"
+
+    def config_text(self, directory: Path) -> str:
+        """What goes into the config file in `directory` (a subclass may need paths inside it)."""
+        return self.config
 
     def command(self, cfg: Path) -> list[str]:
         """The foreground command line that runs `cfg` (a subclass may run another server the same way)."""
