@@ -32,6 +32,9 @@ each wrk window only:
   --idle-spin  runs one SCHED_IDLE busy loop per CPU (their CPU time is subtracted from the host's busy time).
 Results go to datapath-pollidle-*.json / datapath-haltpoll-*.json / datapath-idlespin-*.json and only pool with
 their own kind.
+  --pin-pods   one CPU per pod (client pod: wrk and its sidecar on CPU 0; server pod: its sidecar and the app on
+               CPU 1), as the kubelet's static CPU manager pins a one-CPU Guaranteed pod; results go to
+               datapath[-...]-pinned-*.json and pool only with pinned runs.
   --app nginx  serves the app with nginx-light (one worker), the app the measurement document's figures used,
                instead of HAProxy; results go to datapath[-...]-nginx-*.json and pool only with their own app.
 """
@@ -287,14 +290,26 @@ def parse_wrk(out: str) -> dict:
     return res
 
 
+# `--pin-pods`: one CPU per pod, as the kubelet's static CPU manager gives a Guaranteed pod of 1 CPU; the
+# client pod (wrk and its sidecar) and the server pod (its sidecar and the app) each keep to their own.
+POD_CPUS = {"client": 0, "server": 1}
+
+
+def pin_process(pid: int, cpu: int) -> None:
+    """Every thread of `pid` onto `cpu`."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), {cpu})
+
+
 @contextlib.contextmanager
-def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp", app: str = "haproxy"):
+def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp", app: str = "haproxy", pin: bool = False):
     """The client and server pods of `config`, app and sidecars running and checked with one request.
+    With `pin`, each pod's processes keep to one CPU of their own (POD_CPUS).
     Yields (client, server, sidecars, url)."""
     with Cluster() as cluster, contextlib.ExitStack() as proxies:
         client, server = cluster.add_pod("bcl"), cluster.add_pod("bsv")
         server.popen(["true"]).wait()
-        proxies.enter_context(app_server(server, app))   # ready when listening
+        app_proc = proxies.enter_context(app_server(server, app))   # ready when listening
         sidecars = []
         if config == "B_iptables":
             for pod in (client, server):
@@ -312,6 +327,10 @@ def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp", app: str = "hapr
             text = sidecar_floor(server.addr4, proxy_mode) if config == "F_floor" else sidecar_mesh(proxy_mode)
             for pod in (client, server):
                 sidecars.append(proxies.enter_context(HAProxy(pod, text, name=f"sidecar-{pod.label}")))
+        if pin:
+            pin_process(app_proc.pid, POD_CPUS["server"])
+            for sidecar, side in zip(sidecars, ("client", "server")):
+                pin_process(sidecar.pid, POD_CPUS[side])
         url = "http://127.0.0.1:15001/" if config == "F_floor" else f"http://{server.addr4}:8080/"
         check = client.run(["wrk", "-t1", "-c1", "-d1s", url], uid=1000, gid=1000, timeout=30)
         assert parse_wrk(check.stdout)["requests"] > 0, check.stdout + check.stderr
@@ -319,9 +338,10 @@ def two_pods(config: str, bpffs: Path, proxy_mode: str = "tcp", app: str = "hapr
 
 
 def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp",
-               idle_mode: str = "halt", app: str = "haproxy") -> dict:
+               idle_mode: str = "halt", app: str = "haproxy", pin: bool = False) -> dict:
     results = {}
-    with two_pods(config, bpffs, proxy_mode, app) as (client, server, sidecars, url):
+    wrk = ["taskset", "-c", str(POD_CPUS["client"]), "wrk"] if pin else ["wrk"]
+    with two_pods(config, bpffs, proxy_mode, app, pin) as (client, server, sidecars, url):
         for mode, args in MODES.items():
             time.sleep(1.0)
             load = Path("/proc/loadavg").read_text().split()[:3]
@@ -330,7 +350,7 @@ def one_config(config: str, duration: float, bpffs: Path, proxy_mode: str = "tcp
             eth0 = server.tx_bytes("eth0")
             with idle_mode_cm(idle_mode, duration + 3) as spin:
                 t0, h0, p0, s0 = time.monotonic(), host_busy_us(), proc_cpu_us(pids), proc_cpu_us(spin)
-                out = client.run(["wrk", *args, f"-d{duration:g}s", "--latency", url], uid=1000, gid=1000,
+                out = client.run([*wrk, *args, f"-d{duration:g}s", "--latency", url], uid=1000, gid=1000,
                                  timeout=duration + 30)
                 t1, h1, p1, s1 = time.monotonic(), host_busy_us(), proc_cpu_us(pids), proc_cpu_us(spin)
             h1 -= s1 - s0    # the spinners' time is not the config's
@@ -420,10 +440,13 @@ def idle_mode_of(result: dict) -> str:
 
 
 def result_prefix(result: dict, merged: bool = False) -> str:
-    """File name prefix: idle mode first (IDLE_MODES), then the app when it is not the default."""
+    """File name prefix: idle mode first (IDLE_MODES), then the app when it is not the default, then
+    `pinned` for --pin-pods."""
     prefix = IDLE_MODES[idle_mode_of(result)][1 if merged else 0]
     app = result.get("app", "haproxy")
-    return prefix if app == "haproxy" else f"{prefix}-{app}"
+    if app != "haproxy":
+        prefix = f"{prefix}-{app}"
+    return f"{prefix}-pinned" if result.get("pinned") else prefix
 
 
 def merge(paths: list[str], out: Path) -> int:
@@ -441,9 +464,13 @@ def merge(paths: list[str], out: Path) -> int:
     if len(apps) != 1:
         print(f"cannot pool runs with different server apps: {sorted(apps)}", file=sys.stderr)
         return 2
+    pinned = {bool(r.get("pinned")) for r in results}
+    if len(pinned) != 1:
+        print("cannot pool runs with pods pinned to CPUs (--pin-pods) and runs without", file=sys.stderr)
+        return 2
     runs = [run for r in results for run in r["raw"]]
     result = {"machine": results[-1]["machine"], "runs": len(runs), "duration_s": results[-1]["duration_s"],
-              "proxy_mode": modes.pop(), "idle_mode": idle_modes.pop(), "app": apps.pop(),
+              "proxy_mode": modes.pop(), "idle_mode": idle_modes.pop(), "app": apps.pop(), "pinned": pinned.pop(),
               "merged_from": [Path(p).name for p in paths],
               "started": min(r["started"] for r in results), "raw": runs}
     return write_result(result, out, result_prefix(result, merged=True))
@@ -478,6 +505,9 @@ def main() -> int:
                            "200 µs before halting (this VM boots with 0)")
     idle.add_argument("--idle-spin", action="store_true",
                       help="experiment: keep idle vCPUs busy during each window (SCHED_IDLE busy loops)")
+    ap.add_argument("--pin-pods", action="store_true",
+                    help="one CPU per pod: the client pod's wrk and sidecar on CPU 0, the server pod's sidecar and "
+                         "app on CPU 1 (the kubelet's static CPU manager, one CPU per Guaranteed pod)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--merge", nargs="+", metavar="RESULT_JSON",
                     help="measure nothing: pool the runs of earlier result files (same proxy mode) into one summary")
@@ -502,13 +532,14 @@ def main() -> int:
             run = {}
             for config in order:
                 print(f"run {i + 1}/{args.runs} {config}", flush=True)
-                run[config] = one_config(config, args.duration, bpffs, args.proxy_mode, idle_mode, args.app)
+                run[config] = one_config(config, args.duration, bpffs, args.proxy_mode, idle_mode, args.app,
+                                         args.pin_pods)
             runs.append(run)
     result = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                           "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
                           "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
               "runs": args.runs, "duration_s": args.duration, "proxy_mode": args.proxy_mode,
-              "idle_mode": idle_mode, "app": args.app, "started": started, "raw": runs}
+              "idle_mode": idle_mode, "app": args.app, "pinned": args.pin_pods, "started": started, "raw": runs}
     return write_result(result, Path(args.out), result_prefix(result))
 
 

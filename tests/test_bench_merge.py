@@ -1,5 +1,6 @@
 """bench/datapath.py --merge pools only like with like: the same proxy mode, the same vCPU idle mode (runs
-taken with --poll-idle, --kernel-haltpoll or --idle-spin never mix with the headline runs) and the same server app."""
+taken with --poll-idle, --kernel-haltpoll or --idle-spin never mix with the headline runs), the same server app
+and the same CPU placement (--pin-pods)."""
 from __future__ import annotations
 
 import importlib.util
@@ -47,8 +48,8 @@ def test_merge_pools_runs_of_one_idle_mode(datapath, tmp_path):
 
 
 @pytest.mark.parametrize("other", [{"idle_mode": "poll"}, {"idle_mode": "haltpoll"}, {"idle_spin": True},
-                                   {"proxy_mode": "http"}, {"app": "nginx"}],
-                         ids=["poll", "haltpoll", "spin", "http", "nginx"])
+                                   {"proxy_mode": "http"}, {"app": "nginx"}, {"pinned": True}],
+                         ids=["poll", "haltpoll", "spin", "http", "nginx", "pinned"])
 def test_merge_refuses_to_mix(datapath, tmp_path, capsys, other):
     a = result_file(tmp_path, "a.json", 100.0)
     b = result_file(tmp_path, "b.json", 100.0, **other)
@@ -70,6 +71,14 @@ def test_merged_nginx_runs_keep_their_own_name(datapath, tmp_path):
     assert datapath.merge(files, out) == 0
     assert [p.name.startswith("datapath-merged-nginx-") for p in out.glob("*.json")] == [True]
     assert json.loads(next(out.glob("*.json")).read_text())["app"] == "nginx"
+
+
+def test_merged_pinned_runs_keep_their_own_name(datapath, tmp_path):
+    out = tmp_path / "out"
+    files = [result_file(tmp_path, f"{i}.json", 100.0, app="nginx", pinned=True) for i in range(2)]
+    assert datapath.merge(files, out) == 0
+    assert [p.name.startswith("datapath-merged-nginx-pinned-") for p in out.glob("*.json")] == [True]
+    assert json.loads(next(out.glob("*.json")).read_text())["pinned"] is True
 
 
 def test_ratios_of_a_subset_use_the_references_it_measured(datapath):
