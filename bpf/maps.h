@@ -112,7 +112,7 @@ struct orig_dst {
 BPF_SK_STORAGE(orig_by_sock, struct orig_dst);
 
 /* 4-tuple as the proxy's accepted socket sees it -> original destination (written at sockops
- * ACTIVE_ESTABLISHED, read by getsockopt SO_ORIGINAL_DST). */
+ * TCP_CONNECT_CB, read by getsockopt SO_ORIGINAL_DST). */
 struct tuple_key {
     __u64 netns_cookie;
     __u32 family;

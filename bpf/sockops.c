@@ -1,6 +1,8 @@
-/* sockops: at ACTIVE_ESTABLISHED of a redirected socket, publish its original destination under the
- * 4-tuple the proxy's accepted socket will see (the callback runs before the final ACK is sent, so
- * before the proxy can accept()). Everything else returns at once. */
+/* sockops: at TCP_CONNECT_CB of a redirected socket (the 4-tuple is chosen, the SYN not yet sent), publish
+ * its original destination under the 4-tuple the proxy's accepted socket will see. Not later: with TCP Fast
+ * Open the proxy's listener queues the child at the SYN, and the proxy may accept() and ask SO_ORIGINAL_DST
+ * before the app's ACTIVE_ESTABLISHED (tests/datapath/test_fastopen.py holds the SYN-ACK back to show it).
+ * Everything else returns at once. */
 
 static __always_inline void tuple_from_skops(struct bpf_sock_ops *skops, struct tuple_key *k)
 {
@@ -19,7 +21,8 @@ static __always_inline void tuple_from_skops(struct bpf_sock_ops *skops, struct 
     if (r0 == 0 && r1 == 0 && r2 == bpf_htonl(0x0000ffff)) {
         k->family = AF_INET;   /* v4-mapped: the proxy sees an IPv4 connection */
         k->local_be[0] = r3;
-        k->remote_be[0] = l3;
+        /* the IPv4 source: a v4-mapped socket's local IPv6 address is only filled in after tcp_connect() */
+        k->remote_be[0] = skops->local_ip4;
         return;
     }
     k->family = AF_INET6;
@@ -32,7 +35,7 @@ int bpfinit_sockops(struct bpf_sock_ops *skops)
 #ifdef BPFINIT_SOCKOPS_HOOK
     BPFINIT_SOCKOPS_HOOK(skops);   /* other parts (inbound LISTEN_CB, accel) hook in here */
 #endif
-    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
         return 1;
     struct bpf_sock *sk = skops->sk;
     if (!sk)
