@@ -369,6 +369,11 @@ VALIDATED_KINDS = [
     ("apps", ["deployments", "statefulsets", "daemonsets", "replicasets"]),
     ("batch", ["jobs", "cronjobs"]),
 ]
+# Subresources that change what runs in a pod. `pods` alone does not match them: without this rule
+# `kubectl debug` (an UPDATE of pods/ephemeralcontainers) never reaches the validator. Only UPDATE exists.
+VALIDATED_SUBRESOURCES = [
+    ("", ["pods/ephemeralcontainers"]),
+]
 
 
 def validating_webhook_configuration(opts: RenderOptions) -> dict:
@@ -379,6 +384,8 @@ def validating_webhook_configuration(opts: RenderOptions) -> dict:
     """
     rules = [{"operations": ["CREATE", "UPDATE"], "apiGroups": [group], "apiVersions": ["v1"],
               "resources": resources, "scope": "Namespaced"} for group, resources in VALIDATED_KINDS]
+    rules += [{"operations": ["UPDATE"], "apiGroups": [group], "apiVersions": ["v1"],
+               "resources": resources, "scope": "Namespaced"} for group, resources in VALIDATED_SUBRESOURCES]
     hook = {
         "name": "egress-bypass.validator.bpfinit.io",
         "admissionReviewVersions": ["v1"],

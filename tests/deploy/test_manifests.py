@@ -302,7 +302,13 @@ def test_r10_webhook_configurations(label, objs):
         covered = {(g, r) for rule in hook["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
         assert {("", "pods"), ("apps", "deployments"), ("apps", "statefulsets"), ("apps", "daemonsets"),
                 ("apps", "replicasets"), ("batch", "jobs"), ("batch", "cronjobs")} <= covered
-        assert all(set(rule["operations"]) == {"CREATE", "UPDATE"} for rule in hook["rules"])
+        main = [rule for rule in hook["rules"] if not any("/" in r for r in rule["resources"])]
+        assert all(set(rule["operations"]) == {"CREATE", "UPDATE"} for rule in main)
+        # `pods` does not match its subresources: kubectl debug (UPDATE pods/ephemeralcontainers) must be
+        # sent to the validator by a rule of its own, or its ephemeral-container checks are never reached.
+        sub = [rule for rule in hook["rules"] if rule not in main]
+        assert sub == [{"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                        "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"}]
 
 
 def test_mutator_namespace_selection_follows_istio_injection():

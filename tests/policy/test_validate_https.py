@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import subprocess
@@ -100,6 +101,24 @@ def test_mutate_then_validate_the_final_pod(server):
     # the same pod without bpfinit's swap keeps iptables: the port restriction would not be enforced
     response = validate(server, pod)
     assert not response["allowed"] and "istio-init (iptables): present" in response["status"]["message"]
+
+
+def test_kubectl_debug_ephemeral_container_is_denied_over_https(server):
+    """`kubectl debug` is an UPDATE of pods/ephemeralcontainers (the configuration routes it to /validate)."""
+    old = make("Pod")
+    new = copy.deepcopy(old)
+    new["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "busybox", "securityContext": {
+        "runAsUser": 1337, "capabilities": {"add": ["NET_ADMIN"]}}}]
+    request = review(new, operation="UPDATE", old=old)
+    request.update(subResource="ephemeralcontainers", requestSubResource="ephemeralcontainers")
+    response = server.review(envelope(request), path="/validate")["response"]
+    assert response["allowed"] is False and response["status"]["code"] == 403
+    assert response["status"]["message"] == (
+        'container "debugger": runAsUser 1337 is the proxy UID, so its traffic bypasses capture '
+        "(spec.ephemeralContainers[0].securityContext.runAsUser) (vector proxyIdentity is not in allowedVectors []); "
+        'container "debugger": NET_ADMIN can rewrite the pod\'s network and capture '
+        "(spec.ephemeralContainers[0].securityContext) (vector netAdmin is not in allowedVectors []) "
+        f"(policy {NAMESPACE}/allow-kafka-egress)")
 
 
 def test_policy_file_reload_and_invalid_file_kept_out(server):
