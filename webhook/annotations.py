@@ -47,6 +47,12 @@ REROUTE_VIRTUAL_INTERFACES = "istio.io/reroute-virtual-interfaces"
 STATUS_PORT = "status.sidecar.istio.io/port"
 PROXY_CONFIG = "proxy.istio.io/config"
 
+# Istio's `sidecar.istio.io/inject` (pod label, or the deprecated annotation; the label wins when present).
+SIDECAR_INJECT = "sidecar.istio.io/inject"
+# pkg/kube/inject/inject.go injectRequired: strings.ToLower(value) in {y, yes, true, on} injects, "" uses
+# the default, and EVERY other value (false, no, off, 0, False, typos...) disables injection.
+SIDECAR_INJECT_ENABLING = ("y", "yes", "true", "on")
+
 INTERCEPTION_MODES = ("REDIRECT", "TPROXY", "NONE")
 BOOLEAN_VALUES = ("true", "false")
 # Linux IFNAMSIZ is 16 including the terminating NUL.
@@ -145,6 +151,24 @@ def check_proxy_config(value: str) -> None:
     mode = parsed.get("interceptionMode")
     if mode is not None and mode not in INTERCEPTION_MODES:
         raise InvalidValue(f"interceptionMode {mode!r} must be one of {', '.join(INTERCEPTION_MODES)}")
+
+
+def sidecar_injection_disabled(labels: Mapping[str, object] | None,
+                               annotations: Mapping[str, object] | None) -> tuple[str, str] | None:
+    """(where, value) when `sidecar.istio.io/inject` disables Istio's injection for this pod, else None.
+
+    Same reading as Istio's injectRequired: the label beats the annotation (even when it is ""), the value
+    is lower-cased, y/yes/true/on inject, "" leaves it to the namespace default, anything else disables."""
+    labels, annotations = labels or {}, annotations or {}
+    if SIDECAR_INJECT in labels:
+        where, value = f"label {SIDECAR_INJECT}", labels[SIDECAR_INJECT]
+    elif SIDECAR_INJECT in annotations:
+        where, value = SIDECAR_INJECT, annotations[SIDECAR_INJECT]
+    else:
+        return None
+    if not isinstance(value, str) or value == "" or value.lower() in SIDECAR_INJECT_ENABLING:
+        return None
+    return where, value
 
 
 def check_boolean(value: str) -> None:

@@ -38,7 +38,7 @@ VECTORS: dict[str, str] = {
     "excludeInterfaces": "traffic on the listed NICs is never captured",
     "kubevirtInterfaces": "traffic from the listed virtual NICs is handled as outbound (VMs, DinD)",
     "interceptionModeNone": "interceptionMode NONE: no capture at all",
-    "injectDisabled": 'sidecar.istio.io/inject "false": no sidecar, no capture',
+    "injectDisabled": 'sidecar.istio.io/inject other than y/yes/true/on/"" (e.g. "false", "no"): no sidecar, no capture',
     "injectTemplates": "inject.istio.io/templates without the sidecar template: no capture",
     "proxyIdentity": "a non-proxy container runs as the proxy UID/GID, or the proxy UID/GID is 0",
     "ownerGroups": "ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]: processes in some groups bypass capture",

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from initagent.flags import CaptureConfig, FlagError, parse, split_list
+from webhook.annotations import sidecar_injection_disabled
 from webhook.policy import Policy, PolicySet, Resolution, Settings
 
 ANN_EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
@@ -508,10 +509,13 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings) -> 
     findings: list[Finding] = []
 
     # --- vectors from metadata and spec
-    inject_value = labels.get(ANN_INJECT, annotations.get(ANN_INJECT))
-    if inject_value == "false":
-        where = f"label {ANN_INJECT}" if ANN_INJECT in labels else ANN_INJECT
-        findings.append(_vector(policy, "injectDisabled", where, '"false"', "removes the sidecar and all capture"))
+    injection_off = sidecar_injection_disabled(labels, annotations)
+    if injection_off:
+        where, value = injection_off
+        effect = "removes the sidecar and all capture"
+        if value != "false":  # say why a value that does not read as "false" still disables it
+            effect += " (Istio injects only for y, yes, true, on, any case)"
+        findings.append(_vector(policy, "injectDisabled", where, f'"{value}"', effect))
     if ANN_TEMPLATES in annotations and "sidecar" not in split_list(annotations[ANN_TEMPLATES]):
         findings.append(_vector(policy, "injectTemplates", ANN_TEMPLATES, annotations[ANN_TEMPLATES],
                                 "does not include the sidecar template, so nothing is captured"))

@@ -126,6 +126,11 @@ VECTORS = [
            'label sidecar.istio.io/inject: "false" removes the sidecar', {"allowedVectors": ["injectDisabled"]}),
     Vector("inject-false-annotation", lambda o: annotate(o, **{"sidecar.istio.io/inject": "false"}), "injectDisabled",
            'sidecar.istio.io/inject: "false"', {"allowedVectors": ["injectDisabled"]}),
+    Vector("inject-no-label", lambda o: set_labels(o, {"sidecar.istio.io/inject": "no"}), "injectDisabled",
+           'label sidecar.istio.io/inject: "no" removes the sidecar and all capture (Istio injects only for y, yes, '
+           "true, on, any case)", {"allowedVectors": ["injectDisabled"]}),
+    Vector("inject-False-annotation", lambda o: annotate(o, **{"sidecar.istio.io/inject": "False"}), "injectDisabled",
+           'sidecar.istio.io/inject: "False" removes the sidecar', {"allowedVectors": ["injectDisabled"]}),
     Vector("templates-gateway", lambda o: annotate(o, **{"inject.istio.io/templates": "gateway"}), "injectTemplates",
            "inject.istio.io/templates: gateway does not include the sidecar template", {"allowedVectors": ["injectTemplates"]}),
     Vector("metadata-exclude-ports", _proxy_metadata("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", "22"), "excludedPort",
@@ -379,6 +384,31 @@ def test_ip_families_setting_limits_the_include_complement():
     assert not validate_review(review(obj), policy_set()).allowed  # IPv6 left uncaptured
     v4_only = policy_set(extra_docs=[settings_doc(ipFamilies=["IPv4"])])
     assert validate_review(review(obj), v4_only).allowed
+
+
+# ---- sidecar.istio.io/inject as Istio's injectRequired reads it ----------------------------------------
+@pytest.mark.parametrize("labels,annotations,denied", [
+    ({}, {"sidecar.istio.io/inject": value}, True) for value in ("false", "False", "FALSE", "no", "off", "0", "n",
+                                                                  "disabled", " true", "yes please")
+] + [
+    ({}, {"sidecar.istio.io/inject": value}, False) for value in ("", "true", "True", "y", "Y", "yes", "ON")
+] + [
+    ({"sidecar.istio.io/inject": "Off"}, {}, True),
+    ({"sidecar.istio.io/inject": ""}, {"sidecar.istio.io/inject": "false"}, False),     # the label wins, "" = default
+    ({"sidecar.istio.io/inject": "yes"}, {"sidecar.istio.io/inject": "no"}, False),
+    ({"sidecar.istio.io/inject": "0"}, {"sidecar.istio.io/inject": "true"}, True),
+])
+def test_inject_values_follow_istio(labels, annotations, denied):
+    obj = make("Deployment")
+    set_labels(obj, labels)
+    annotate(obj, **annotations)
+    decision = validate_review(review(obj), policy_set())
+    assert decision.allowed is not denied, decision.message
+    if denied:
+        assert decision.metric_labels["reason"] == "injectDisabled"
+        where = "label sidecar.istio.io/inject" if labels else "sidecar.istio.io/inject"
+        value = labels.get("sidecar.istio.io/inject", annotations.get("sidecar.istio.io/inject"))
+        assert decision.message.startswith(f'{where}: "{value}" removes the sidecar and all capture')
 
 
 # ---- UPDATE, other operations, malformed input -----------------------------------------------------

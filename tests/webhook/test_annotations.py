@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.webhook.istio_pods import injected_files, pods_in_file
+from webhook import annotations as annotations_mod
 from webhook.annotations import validate_annotations
 
 GOOD = [
@@ -98,3 +99,19 @@ def test_istio_golden_annotations_are_all_valid():
     for path in injected_files():
         for pod in pods_in_file(path):
             assert validate_annotations(pod["metadata"].get("annotations")) == [], path.name
+
+
+@pytest.mark.parametrize("labels,annotations,expected", [
+    ({}, {}, None),
+    ({}, {"sidecar.istio.io/inject": "false"}, ("sidecar.istio.io/inject", "false")),
+    ({}, {"sidecar.istio.io/inject": "No"}, ("sidecar.istio.io/inject", "No")),
+    ({}, {"sidecar.istio.io/inject": "0"}, ("sidecar.istio.io/inject", "0")),
+    ({}, {"sidecar.istio.io/inject": "TRUE"}, None),
+    ({}, {"sidecar.istio.io/inject": "on"}, None),
+    ({}, {"sidecar.istio.io/inject": ""}, None),
+    ({"sidecar.istio.io/inject": "off"}, {}, ("label sidecar.istio.io/inject", "off")),
+    ({"sidecar.istio.io/inject": ""}, {"sidecar.istio.io/inject": "false"}, None),     # label wins, even ""
+    ({"sidecar.istio.io/inject": "Y"}, {"sidecar.istio.io/inject": "false"}, None),
+])
+def test_sidecar_injection_disabled_reads_like_istio_inject_required(labels, annotations, expected):
+    assert annotations_mod.sidecar_injection_disabled(labels, annotations) == expected
