@@ -223,6 +223,9 @@ def extract_target(obj: Any, namespace: str = "", kind: Optional[str] = None) ->
         value = pod_spec.get(field_name) or []
         if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
             raise ObjectError(f"{kind}: {'.'.join(path + ('spec', field_name))} must be a list of containers")
+        for index, container in enumerate(value):
+            if not isinstance(container.get("name", ""), str):
+                raise ObjectError(f"{kind}: {'.'.join(path + ('spec', field_name))}[{index}].name must be a string")
     return Target(kind, namespace, name, pod_meta, pod_spec, ".".join(path + ("spec",)), kind == "Pod")
 
 
@@ -350,13 +353,16 @@ def _unverifiable(subject: str, problem: str) -> Finding:
     return Finding("unverifiable", text, f"{subject} {problem}"[:100], ("unverifiable", subject))
 
 
-def _vector(policy: Policy, vector: str, subject: str, value: str, effect: str) -> Optional[Finding]:
+def _vector(policy: Policy, vector: str, subject: str, value: str, effect: str,
+            identity: tuple = ()) -> Optional[Finding]:
+    """`identity` names what carries the setting when that matters (a container): the same setting read
+    from the annotations and from the rendered init args is one finding, two containers are two."""
     if vector in policy.allowed_vectors:
         return None
     allowed = "[" + ", ".join(sorted(policy.allowed_vectors)) + "]"
     text = f"{subject}: {value} {effect} (vector {vector} is not in allowedVectors {allowed})"
     brief = f"{subject}: {value} ({vector} not allowed)"
-    return Finding(vector, text, brief, (vector, value))
+    return Finding(vector, text, brief, (vector, value) + identity)
 
 
 def _capture_findings(cap: _Capture, policy: Policy, settings: Settings) -> list[Finding]:
@@ -488,7 +494,8 @@ def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], pr
                     value, where = pod_security.get(key), f"{target.spec_path}.securityContext.{key}"
                 if isinstance(value, int) and value in ids:
                     out.append(_vector(policy, "proxyIdentity", f'container "{name}"', f"{key} {value}",
-                                       f"is the proxy {what}, so its traffic bypasses capture ({where})"))
+                                       f"is the proxy {what}, so its traffic bypasses capture ({where})",
+                                       (list_name, str(name))))
             capabilities = security.get("capabilities")
             caps = capabilities.get("add") if isinstance(capabilities, dict) else None
             caps = caps if isinstance(caps, list) else []
@@ -497,7 +504,7 @@ def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], pr
                 granted.append("privileged")
             if granted:
                 out.append(_vector(policy, "netAdmin", f'container "{name}"', "+".join(granted),
-                                   f"can rewrite the pod's network and capture ({path})"))
+                                   f"can rewrite the pod's network and capture ({path})", (list_name, str(name))))
     return [f for f in out if f is not None]
 
 
@@ -662,7 +669,9 @@ def validate_review(request: Any, policy_store) -> Decision:
     if not findings:
         return Decision(True, 200, "", [], _labels(ref, resolution.mode, "compliant"))
 
-    # on UPDATE only new violations count, so old objects stay updatable (finalizers, labels, scale)
+    # on UPDATE only new violations count, so old objects stay updatable (finalizers, labels, scale).
+    # Container findings carry the container in their key: a container added with the same violation as
+    # a tolerated one (e.g. an ephemeral debug container as UID 1337) is new.
     previous = {(f.key, f.text) for f in old.findings} if old else set()
     new = [f for f in findings if (f.key, f.text) not in previous]
     reason = (new or findings)[0].reason

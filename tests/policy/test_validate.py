@@ -425,6 +425,55 @@ def test_update_tolerates_preexisting_violations_but_not_new_ones():
     assert not decision.allowed and "hostNetwork" in decision.message and "0.0.0.0/0" not in decision.message
 
 
+def test_each_container_with_a_violation_is_reported():
+    obj = make("Pod")
+    obj["spec"]["containers"] += [{"name": "sneaky", "image": "x", "securityContext": {"runAsUser": 1337}},
+                                  {"name": "sneaky2", "image": "x", "securityContext": {"runAsUser": 1337}}]
+    decision = validate_review(review(obj), policy_set())
+    assert not decision.allowed
+    assert 'container "sneaky": runAsUser 1337' in decision.message
+    assert 'container "sneaky2": runAsUser 1337' in decision.message
+
+
+def test_the_same_setting_in_annotations_and_init_args_is_still_reported_once():
+    obj = make("Pod", VECTORS[[v.id for v in VECTORS].index("exclude-interfaces")])
+    decision = validate_review(review(obj), policy_set())
+    assert decision.message.count("eth1") == 1, decision.message
+
+
+def _ephemeral_debugger(obj, **security):
+    obj["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "busybox", "securityContext": security}]
+    return obj
+
+
+def test_new_ephemeral_container_with_the_violation_of_a_tolerated_container_is_denied():
+    """kubectl debug on a pod whose legacy container already runs as UID 1337 with NET_ADMIN (admitted
+    before Enforce, tolerated on update): the debug container with the same settings is a new violation."""
+    legacy = {"name": "legacy", "image": "x", "securityContext": {"runAsUser": 1337,
+                                                                   "capabilities": {"add": ["NET_ADMIN"]}}}
+    old = make("Pod")
+    old["spec"]["containers"].append(legacy)
+    new = _ephemeral_debugger(copy.deepcopy(old), runAsUser=1337, capabilities={"add": ["NET_ADMIN"]})
+    request = {**review(new, operation="UPDATE", old=old), "subResource": "ephemeralcontainers"}
+    decision = validate_review(request, policy_set())
+    assert (decision.allowed, decision.code) == (False, 403)
+    assert decision.message.count('container "debugger"') == 2 and 'container "legacy"' not in decision.message
+    # an update that adds nothing keeps being tolerated
+    same = copy.deepcopy(old)
+    same["metadata"].setdefault("labels", {})["touched"] = "yes"
+    decision = validate_review(review(same, operation="UPDATE", old=old), policy_set())
+    assert decision.allowed and decision.metric_labels["reason"] == "preexisting"
+
+
+def test_a_container_name_that_is_not_a_string_is_a_precise_400():
+    obj = make("Pod")
+    obj["spec"]["containers"].append({"name": ["x"], "image": "x", "securityContext": {"privileged": True}})
+    decision = validate_review(review(obj), policy_set())
+    assert (decision.allowed, decision.code) == (False, 400)
+    index = len(obj["spec"]["containers"]) - 1
+    assert decision.message == f"cannot evaluate egress policy: Pod: spec.containers[{index}].name must be a string"
+
+
 def test_delete_status_and_unsupported_kinds():
     obj = make("Deployment", VECTORS[0])
     assert validate_review({**review(obj), "operation": "DELETE"}, policy_set()).allowed
