@@ -229,15 +229,11 @@ def _self_check(pod: dict, ops: list[dict], index: int, agent_args: list[str]) -
 def mutate(pod: dict, settings: MutationSettings, egress_allow: Sequence[str] | None = None) -> MutationResult:
     """Decide what to do with one Pod (CREATE) and build the patch."""
     metadata = _as_dict(pod.get("metadata"))
-    annotations = metadata.get("annotations")
-    if annotations is not None and not isinstance(annotations, dict):
-        return MutationResult("invalid-annotations", denial="metadata.annotations must be a map of strings")
-    annotations = annotations or {}
+    raw_annotations = metadata.get("annotations")
+    annotations = _as_dict(raw_annotations)
 
-    problems = ann.validate_annotations(annotations)
-    if problems:
-        return MutationResult("invalid-annotations", denial="; ".join(problems))
-
+    # Pods we leave alone are never refused: their annotations are validated only once we know we would
+    # swap (docs/webhook.md "What the mutation does"; mirror pods cannot even be changed).
     spec = _as_dict(pod.get("spec"))
     if MIRROR_POD_ANNOTATION in annotations:
         return MutationResult("mirror-pod")        # static pods cannot be changed
@@ -265,6 +261,12 @@ def mutate(pod: dict, settings: MutationSettings, egress_allow: Sequence[str] | 
             or not all(isinstance(a, str) for a in args)):
         return MutationResult("user-override", warnings=[
             "bpfinit: pod keeps istio-init: its command/args were overridden (not istio-iptables)"])
+
+    if raw_annotations is not None and not isinstance(raw_annotations, dict):
+        return MutationResult("invalid-annotations", denial="metadata.annotations must be a map of strings")
+    problems = ann.validate_annotations(annotations)
+    if problems:
+        return MutationResult("invalid-annotations", denial="; ".join(problems))
 
     agent_args = _agent_args(args, annotations, egress_allow)
     env = _as_list(istio_init.get("env"))

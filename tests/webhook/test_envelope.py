@@ -147,6 +147,26 @@ def test_every_decision_kind_passes_the_apiserver_checks(webhook_server):
     assert answers["warned"]["response"]["allowed"] is True and answers["warned"]["response"]["warnings"]
 
 
+def test_pods_the_mutator_leaves_alone_are_allowed_whatever_their_annotations(webhook_server):
+    """A mirror pod or a hostNetwork pod with an annotation we would refuse on a swapped pod: allowed, no
+    patch, no 422 (they are never swapped, and mirror pods cannot be changed at all)."""
+    bad = {"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/8, 1.2.3.0/24"}
+    mirror, host = hello(), hello()
+    mirror["metadata"]["annotations"].update(bad, **{"kubernetes.io/config.mirror": "abc"})
+    host["metadata"]["annotations"].update(bad)
+    host["spec"]["hostNetwork"] = True
+    for pod in (mirror, host):
+        review = pod_create_review(pod)
+        answer = webhook_server.review(review)
+        assert verify_response(review, answer, mutating=True) == []
+        assert answer["response"]["allowed"] is True and "patch" not in answer["response"]
+        assert "status" not in answer["response"] and "warnings" not in answer["response"]
+    swapped = hello()
+    swapped["metadata"]["annotations"].update(bad)
+    denied = webhook_server.review(pod_create_review(swapped))["response"]
+    assert denied["allowed"] is False and denied["status"]["code"] == 422
+
+
 def test_validate_never_returns_a_patch(webhook_server):
     review = pod_create_review(hello())
     answer = webhook_server.review(review, "/validate")

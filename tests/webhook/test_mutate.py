@@ -259,6 +259,78 @@ def test_bad_annotation_values_deny_naming_annotation_and_value(key, value):
     assert key in result.denial and repr(value) in result.denial
 
 
+BAD_ANNOTATIONS = {"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/8, 1.2.3.0/24",
+                   "traffic.sidecar.istio.io/excludeOutboundPorts": "80, 443",
+                   "bpfinit.io/accelerate": "yes"}
+
+
+def _left_alone(make):
+    def build():
+        pod = make()
+        pod.setdefault("metadata", {}).setdefault("annotations", {}).update(BAD_ANNOTATIONS)
+        return pod
+    return build
+
+
+def _mirror():
+    pod = hello()
+    pod["metadata"]["annotations"]["kubernetes.io/config.mirror"] = "abc"
+    return pod
+
+
+def _host_network():
+    pod = hello()
+    pod["spec"]["hostNetwork"] = True
+    return pod
+
+
+def _no_mesh():
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},
+            "spec": {"containers": [{"name": "a", "image": "x"}]}}
+
+
+def _cni():
+    pod = hello()
+    pod["spec"]["initContainers"][0]["name"] = "istio-validation"
+    return pod
+
+
+def _swapped():
+    pod = hello()
+    return apply(pod, mutate(pod, SETTINGS))
+
+
+def _opted_out():
+    pod = hello()
+    pod["metadata"]["annotations"]["bpfinit.io/inject"] = "false"
+    return pod
+
+
+def _user_override():
+    pod = hello()
+    pod["spec"]["initContainers"][0]["args"] = ["my", "custom", "args"]
+    return pod
+
+
+@pytest.mark.parametrize("make,outcome", [
+    (_mirror, "mirror-pod"), (_host_network, "host-network"), (_no_mesh, "no-istio-init"), (_cni, "istio-cni"),
+    (_swapped, "already-swapped"), (_opted_out, "opted-out"), (_user_override, "user-override"),
+], ids=lambda v: v if isinstance(v, str) else v.__name__)
+def test_pods_left_alone_are_never_refused_for_their_annotations(make, outcome):
+    """docs/webhook.md "What the mutation does": only pods we would swap get their annotations validated."""
+    result = mutate(_left_alone(make)(), SETTINGS)
+    assert (result.outcome, result.denial, result.patch) == (outcome, None, [])
+
+
+def test_annotations_that_are_not_a_map_deny_only_a_pod_we_would_swap():
+    assert mutate({"spec": {"containers": [{"name": "a"}]}, "metadata": {"annotations": "x"}},
+                  SETTINGS).denial is None
+    pod = hello()
+    pod["metadata"]["annotations"] = "x"
+    result = mutate(pod, SETTINGS)
+    assert (result.outcome, result.denial) == ("invalid-annotations", "metadata.annotations must be a map of strings")
+
+
 def test_env_from_proxy_metadata_is_carried_over():
     pod = pods_in_file(INJECTED / "traffic-annotations.yaml.injected")[0]
     istio_env = copy.deepcopy(agent_of(pod)["env"])
