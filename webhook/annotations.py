@@ -47,6 +47,7 @@ REROUTE_VIRTUAL_INTERFACES = "istio.io/reroute-virtual-interfaces"
 STATUS_PORT = "status.sidecar.istio.io/port"
 PROXY_CONFIG = "proxy.istio.io/config"
 
+INJECT_TEMPLATES = "inject.istio.io/templates"
 # Istio's `sidecar.istio.io/inject` (pod label, or the deprecated annotation; the label wins when present).
 SIDECAR_INJECT = "sidecar.istio.io/inject"
 # pkg/kube/inject/inject.go injectRequired: strings.ToLower(value) in {y, yes, true, on} injects, "" uses
@@ -169,6 +170,12 @@ def sidecar_injection_disabled(labels: Mapping[str, object] | None,
     if not isinstance(value, str) or value == "" or value.lower() in SIDECAR_INJECT_ENABLING:
         return None
     return where, value
+
+
+def injection_templates(value: str) -> list[str]:
+    """The template names of `inject.istio.io/templates` as Istio's selectTemplates reads them: split on
+    ",", each name strings.TrimSpace'd (unlike the traffic annotations, "gateway, sidecar" is fine)."""
+    return [name.strip() for name in value.split(",")]
 
 
 def check_boolean(value: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from initagent.flags import CaptureConfig, FlagError, parse, split_list
-from webhook.annotations import sidecar_injection_disabled
+from webhook.annotations import injection_templates, sidecar_injection_disabled
 from webhook.policy import Policy, PolicySet, Resolution, Settings
 
 ANN_EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
@@ -523,7 +523,7 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings) -> 
         if value != "false":  # say why a value that does not read as "false" still disables it
             effect += " (Istio injects only for y, yes, true, on, any case)"
         findings.append(_vector(policy, "injectDisabled", where, f'"{value}"', effect))
-    if ANN_TEMPLATES in annotations and "sidecar" not in split_list(annotations[ANN_TEMPLATES]):
+    if ANN_TEMPLATES in annotations and "sidecar" not in injection_templates(annotations[ANN_TEMPLATES]):
         findings.append(_vector(policy, "injectTemplates", ANN_TEMPLATES, annotations[ANN_TEMPLATES],
                                 "does not include the sidecar template, so nothing is captured"))
     proxy_config = _proxy_config(annotations, findings)

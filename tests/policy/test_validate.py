@@ -411,6 +411,19 @@ def test_inject_values_follow_istio(labels, annotations, denied):
         assert decision.message.startswith(f'{where}: "{value}" removes the sidecar and all capture')
 
 
+# ---- inject.istio.io/templates as Istio's selectTemplates reads it ----------------------------------
+@pytest.mark.parametrize("value,denied", [
+    ("sidecar", False), ("gateway, sidecar", False), (" sidecar ", False), ("sidecar,\tcustom", False),
+    ("spire,sidecar", False), ("gateway", True), ("gateway, sidecars", True), ("Sidecar", True), ("", True),
+])
+def test_inject_templates_names_are_trimmed_like_istio(value, denied):
+    obj = annotate(make("Deployment"), **{"inject.istio.io/templates": value})
+    decision = validate_review(review(obj), policy_set())
+    assert decision.allowed is not denied, decision.message
+    if denied:
+        assert decision.message.startswith(f"inject.istio.io/templates: {value} does not include the sidecar template")
+
+
 # ---- UPDATE, other operations, malformed input -----------------------------------------------------
 def test_update_tolerates_preexisting_violations_but_not_new_ones():
     old = make("Deployment", VECTORS[0])

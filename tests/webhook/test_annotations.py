@@ -115,3 +115,11 @@ def test_istio_golden_annotations_are_all_valid():
 ])
 def test_sidecar_injection_disabled_reads_like_istio_inject_required(labels, annotations, expected):
     assert annotations_mod.sidecar_injection_disabled(labels, annotations) == expected
+
+
+@pytest.mark.parametrize("value,names", [
+    ("sidecar", ["sidecar"]), ("gateway, sidecar", ["gateway", "sidecar"]), (" a ,\tb\n", ["a", "b"]),
+    ("", [""]), ("a,,b", ["a", "", "b"]),
+])
+def test_injection_templates_are_trimmed_like_istio_select_templates(value, names):
+    assert annotations_mod.injection_templates(value) == names
