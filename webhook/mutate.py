@@ -201,6 +201,55 @@ def _volume_ops(spec: dict) -> list[dict]:
             for v in agent_volumes() if v["name"] not in present]
 
 
+def _describe_volume(volume: dict) -> str:
+    sources = [k for k in volume if k != "name"]
+    if sources == ["hostPath"] and isinstance(volume["hostPath"], dict):
+        host = volume["hostPath"]
+        return f"hostPath {host.get('path')}" + (f" (type {host['type']})" if host.get("type") else "")
+    if sources == ["downwardAPI"]:
+        return "downwardAPI metadata.labels as file labels"
+    return " + ".join(sources) if sources else "no source"
+
+
+def _downward_items(volume: dict) -> list:
+    items = _as_list(_as_dict(volume.get("downwardAPI")).get("items"))
+    return [(_as_dict(i).get("path"), _as_dict(_as_dict(i).get("fieldRef")).get("fieldPath")) for i in items]
+
+
+def _same_volume(existing: dict, ours: dict) -> bool:
+    """Does a pod volume carrying one of our names give the agent what ours would? Compared by meaning,
+    not bytes: the apiserver defaults fields (hostPath type "", downwardAPI defaultMode/apiVersion), and
+    on reinvocation our own volumes come back that way."""
+    source = next(k for k in ours if k != "name")
+    if [k for k in existing if k != "name"] != [source]:
+        return False
+    if source == "hostPath":
+        have, want = _as_dict(existing.get("hostPath")), ours["hostPath"]
+        return have.get("path") == want["path"] and (have.get("type") or "") == want.get("type", "")
+    return _downward_items(existing) == _downward_items(ours)
+
+
+def _reserved_name_conflicts(spec: dict, istio_init: dict) -> list[str]:
+    """Pod volumes / istio-init mounts that use one of our names (or mount paths) for something else: kept
+    as they are, the agent would pin into the user's emptyDir instead of the node's bpffs (and so on)."""
+    problems = []
+    volumes = {v.get("name"): v for v in _as_list(spec.get("volumes")) if isinstance(v, dict)}
+    for ours in agent_volumes():
+        existing = volumes.get(ours["name"])
+        if existing is not None and not _same_volume(existing, ours):
+            problems.append(f'pod volume "{ours["name"]}" is reserved for the bpfinit agent and must be '
+                            f"{_describe_volume(ours)}, not {_describe_volume(existing)}; rename the pod's volume")
+    for mount in _as_list(istio_init.get("volumeMounts")):
+        if not isinstance(mount, dict):
+            continue
+        for ours in agent_volume_mounts():
+            if (mount.get("name") == ours["name"] or mount.get("mountPath") == ours["mountPath"]) and (
+                    mount.get("name"), mount.get("mountPath")) != (ours["name"], ours["mountPath"]):
+                problems.append(f'istio-init volumeMount "{mount.get("name")}" at {mount.get("mountPath")} '
+                                f'collides with the agent\'s "{ours["name"]}" at {ours["mountPath"]}')
+    return problems
+
+
 def _status_ops(pod: dict, record: dict) -> list[dict]:
     value = json.dumps(record, separators=(",", ":"), sort_keys=True)
     if not isinstance(pod.get("metadata"), dict):
@@ -267,6 +316,10 @@ def mutate(pod: dict, settings: MutationSettings, egress_allow: Sequence[str] | 
     problems = ann.validate_annotations(annotations)
     if problems:
         return MutationResult("invalid-annotations", denial="; ".join(problems))
+
+    conflicts = _reserved_name_conflicts(spec, istio_init)
+    if conflicts:
+        return MutationResult("reserved-volume", denial="; ".join(conflicts))
 
     agent_args = _agent_args(args, annotations, egress_allow)
     env = _as_list(istio_init.get("env"))

@@ -331,6 +331,51 @@ def test_annotations_that_are_not_a_map_deny_only_a_pod_we_would_swap():
     assert (result.outcome, result.denial) == ("invalid-annotations", "metadata.annotations must be a map of strings")
 
 
+@pytest.mark.parametrize("volume,expected", [
+    ({"name": "bpfinit-bpffs", "emptyDir": {}},
+     'pod volume "bpfinit-bpffs" is reserved for the bpfinit agent and must be hostPath /sys/fs/bpf '
+     "(type Directory), not emptyDir; rename the pod's volume"),
+    ({"name": "bpfinit-cgroup", "hostPath": {"path": "/tmp/fake-cgroup", "type": "Directory"}},
+     'pod volume "bpfinit-cgroup" is reserved for the bpfinit agent and must be hostPath /sys/fs/cgroup '
+     "(type Directory), not hostPath /tmp/fake-cgroup (type Directory); rename the pod's volume"),
+    ({"name": "bpfinit-lib-modules", "hostPath": {"path": "/lib/modules", "type": "File"}},
+     'pod volume "bpfinit-lib-modules" is reserved for the bpfinit agent and must be hostPath /lib/modules, '
+     "not hostPath /lib/modules (type File); rename the pod's volume"),
+    ({"name": "bpfinit-podinfo", "configMap": {"name": "fake-labels"}},
+     'pod volume "bpfinit-podinfo" is reserved for the bpfinit agent and must be downwardAPI metadata.labels '
+     "as file labels, not configMap; rename the pod's volume"),
+])
+def test_a_pod_volume_with_our_name_but_another_source_is_refused(volume, expected):
+    pod = hello()
+    pod["spec"]["volumes"].append(volume)
+    result = mutate(pod, SETTINGS)
+    assert (result.outcome, result.patch, result.denial) == ("reserved-volume", [], expected)
+
+
+def test_an_istio_init_mount_colliding_with_ours_is_refused():
+    pod = hello()
+    agent_of(pod)["volumeMounts"] = [{"name": "user-bpf", "mountPath": "/sys/fs/bpf"}]
+    result = mutate(pod, SETTINGS)
+    assert result.outcome == "reserved-volume" and result.denial == (
+        'istio-init volumeMount "user-bpf" at /sys/fs/bpf collides with the agent\'s "bpfinit-bpffs" at /sys/fs/bpf')
+
+
+def test_our_own_volumes_as_the_apiserver_defaults_them_are_reused():
+    """Istio re-injects after our swap (reinvocation): istio-init is fresh, our volumes stay, defaulted."""
+    pod = hello()
+    swapped = apply(pod, mutate(pod, SETTINGS))
+    for volume in swapped["spec"]["volumes"]:
+        if "hostPath" in volume:
+            volume["hostPath"].setdefault("type", "")
+        if "downwardAPI" in volume:
+            volume["downwardAPI"]["defaultMode"] = 420
+            volume["downwardAPI"]["items"][0]["fieldRef"]["apiVersion"] = "v1"
+    swapped["spec"]["initContainers"][0] = copy.deepcopy(pod["spec"]["initContainers"][0])
+    result = mutate(swapped, SETTINGS)
+    assert result.outcome == "swapped" and result.denial is None
+    assert not [op for op in result.patch if op["path"].startswith("/spec/volumes")]
+
+
 def test_env_from_proxy_metadata_is_carried_over():
     pod = pods_in_file(INJECTED / "traffic-annotations.yaml.injected")[0]
     istio_env = copy.deepcopy(agent_of(pod)["env"])
