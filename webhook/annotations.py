@@ -55,6 +55,9 @@ SIDECAR_INJECT = "sidecar.istio.io/inject"
 SIDECAR_INJECT_ENABLING = ("y", "yes", "true", "on")
 
 INTERCEPTION_MODES = ("REDIRECT", "TPROXY", "NONE")
+# ProxyConfig.InterceptionMode enum numbers: protojson (how Istio reads proxy.istio.io/config) takes a JSON
+# number as well as the name. The sidecar.istio.io/interceptionMode annotation takes names only.
+INTERCEPTION_MODE_NUMBERS = {0: "REDIRECT", 1: "TPROXY", 2: "NONE"}
 BOOLEAN_VALUES = ("true", "false")
 # Linux IFNAMSIZ is 16 including the terminating NUL.
 MAX_INTERFACE_NAME_BYTES = 15
@@ -137,6 +140,21 @@ def check_interception_mode(value: str) -> None:
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def proxy_config_interception_mode(value: object) -> str | None:
+    """The mode a parsed `proxy.istio.io/config` interceptionMode stands for (name or enum number, as
+    protojson reads it), or None when it is neither (unrecognised)."""
+    if isinstance(value, str):
+        return value if value in INTERCEPTION_MODES else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return INTERCEPTION_MODE_NUMBERS.get(value)
+    return None
+
+
+def describe_interception_modes() -> str:
+    numbers = ", ".join(f"{n} ({name})" for n, name in INTERCEPTION_MODE_NUMBERS.items())
+    return f"{', '.join(INTERCEPTION_MODES)} or the enum numbers {numbers}"
+
+
 def check_proxy_config(value: str) -> None:
     # Istio parses the annotation as a ProxyConfig (YAML or JSON). We only check
     # that it is a mapping and that the one field affecting capture is sane.
@@ -150,8 +168,8 @@ def check_proxy_config(value: str) -> None:
     if not isinstance(parsed, dict):
         raise InvalidValue("must be a ProxyConfig mapping")
     mode = parsed.get("interceptionMode")
-    if mode is not None and mode not in INTERCEPTION_MODES:
-        raise InvalidValue(f"interceptionMode {mode!r} must be one of {', '.join(INTERCEPTION_MODES)}")
+    if mode is not None and proxy_config_interception_mode(mode) is None:
+        raise InvalidValue(f"interceptionMode {mode!r} must be one of {describe_interception_modes()}")
 
 
 def sidecar_injection_disabled(labels: Mapping[str, object] | None,

@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 import yaml
 
 from initagent.flags import CaptureConfig, FlagError, parse, split_list
-from webhook.annotations import injection_templates, sidecar_injection_disabled
+from webhook.annotations import (INTERCEPTION_MODES, describe_interception_modes, injection_templates,
+                                 proxy_config_interception_mode, sidecar_injection_disabled)
 from webhook.policy import Policy, PolicySet, Resolution, Settings
 
 ANN_EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
@@ -527,12 +528,20 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings) -> 
         findings.append(_vector(policy, "injectTemplates", ANN_TEMPLATES, annotations[ANN_TEMPLATES],
                                 "does not include the sidecar template, so nothing is captured"))
     proxy_config = _proxy_config(annotations, findings)
+    # the annotation wins over proxy.istio.io/config (Istio's template); a mode we cannot read is unverifiable
     if ANN_INTERCEPTION in annotations:
-        mode_where, mode = ANN_INTERCEPTION, annotations[ANN_INTERCEPTION]
+        mode_where, raw_mode = ANN_INTERCEPTION, annotations[ANN_INTERCEPTION]
+        mode = raw_mode if raw_mode in INTERCEPTION_MODES else None
+        known = ", ".join(INTERCEPTION_MODES)
     else:
-        mode_where, mode = f"{ANN_PROXY_CONFIG} interceptionMode", proxy_config.get("interceptionMode")
+        mode_where, raw_mode = f"{ANN_PROXY_CONFIG} interceptionMode", proxy_config.get("interceptionMode")
+        mode = proxy_config_interception_mode(raw_mode)
+        known = describe_interception_modes()
+    if raw_mode is not None and mode is None:
+        findings.append(_unverifiable(mode_where, f"{raw_mode!r} is not one of {known}"))
     if mode == "NONE":
-        findings.append(_vector(policy, "interceptionModeNone", mode_where, "NONE", "disables capture"))
+        shown = "NONE" if raw_mode == "NONE" else f"{raw_mode!r} (NONE)"
+        findings.append(_vector(policy, "interceptionModeNone", mode_where, shown, "disables capture"))
     if spec.get("hostNetwork") is True:
         findings.append(_vector(policy, "hostNetwork", f"{target.spec_path}.hostNetwork", "true",
                                 "puts the pod outside any capture"))

@@ -424,6 +424,44 @@ def test_inject_templates_names_are_trimmed_like_istio(value, denied):
         assert decision.message.startswith(f"inject.istio.io/templates: {value} does not include the sidecar template")
 
 
+# ---- interceptionMode as Istio reads it (protojson for proxy.istio.io/config) --------------------------
+UNREADABLE = "is not one of REDIRECT, TPROXY, NONE or the enum numbers 0 (REDIRECT), 1 (TPROXY), 2 (NONE)"
+
+
+@pytest.mark.parametrize("config,outcome", [
+    ("interceptionMode: NONE", "proxy.istio.io/config interceptionMode: NONE disables capture"),
+    ("interceptionMode: 2", "proxy.istio.io/config interceptionMode: 2 (NONE) disables capture"),
+    ('{"interceptionMode": 2}', "proxy.istio.io/config interceptionMode: 2 (NONE) disables capture"),
+    ("interceptionMode: 0", None),
+    ("interceptionMode: REDIRECT", None),
+    ("interceptionMode: 1", None),
+    ("interceptionMode: 7", f"proxy.istio.io/config interceptionMode 7 {UNREADABLE}, so the pod's capture cannot "
+                            "be verified"),
+    ("interceptionMode: none", f"proxy.istio.io/config interceptionMode 'none' {UNREADABLE}"),
+    ("interceptionMode: true", f"proxy.istio.io/config interceptionMode True {UNREADABLE}"),
+    ("interceptionMode: '2'", f"proxy.istio.io/config interceptionMode '2' {UNREADABLE}"),
+    ("interceptionMode: [2]", f"proxy.istio.io/config interceptionMode [2] {UNREADABLE}"),
+])
+def test_proxy_config_interception_mode_names_numbers_and_unknowns(config, outcome):
+    obj = annotate(make("Deployment"), **{"proxy.istio.io/config": config})
+    decision = validate_review(review(obj), policy_set())
+    if outcome is None:
+        assert decision.allowed, decision.message
+    else:
+        assert not decision.allowed and decision.message.startswith(outcome), decision.message
+
+
+@pytest.mark.parametrize("value,ok", [("NONE", False), ("REDIRECT", True), ("none", False), ("2", False)])
+def test_interception_mode_annotation_takes_names_only(value, ok):
+    obj = annotate(make("Deployment"), **{"sidecar.istio.io/interceptionMode": value,
+                                         "proxy.istio.io/config": "interceptionMode: REDIRECT"})
+    decision = validate_review(review(obj), policy_set())
+    assert decision.allowed is ok, decision.message
+    if value not in ("NONE", "REDIRECT"):
+        assert decision.message.startswith(f"sidecar.istio.io/interceptionMode {value!r} is not one of REDIRECT, "
+                                           "TPROXY, NONE, so the pod's capture cannot be verified")
+
+
 # ---- UPDATE, other operations, malformed input -----------------------------------------------------
 def test_update_tolerates_preexisting_violations_but_not_new_ones():
     old = make("Deployment", VECTORS[0])

@@ -22,6 +22,8 @@ GOOD = [
     ("sidecar.istio.io/interceptionMode", "NONE"),
     ("proxy.istio.io/config", "discoveryAddress: foo:123\nproxyMetadata:\n  FOO: bar\n"),
     ("proxy.istio.io/config", '{"interceptionMode": "REDIRECT"}'),
+    ("proxy.istio.io/config", '{"interceptionMode": 2}'),     # protojson takes enum numbers
+    ("proxy.istio.io/config", "interceptionMode: 0"),
     ("bpfinit.io/inject", "false"),
     ("bpfinit.io/accelerate", "true"),
     ("bpfinit.io/accelerate-skip-splice-check", "true"),
@@ -54,6 +56,9 @@ BAD = [
     ("status.sidecar.istio.io/port", "", "not a number"),
     ("sidecar.istio.io/interceptionMode", "redirect", "must be one of"),
     ("proxy.istio.io/config", "interceptionMode: SIDEWAYS", "interceptionMode"),
+    ("proxy.istio.io/config", "interceptionMode: 7", "interceptionMode 7 must be one of REDIRECT, TPROXY, NONE or "
+                                                     "the enum numbers 0 (REDIRECT), 1 (TPROXY), 2 (NONE)"),
+    ("proxy.istio.io/config", "interceptionMode: true", "interceptionMode True must be one of"),
     ("proxy.istio.io/config", "[1, 2]", "mapping"),
     ("proxy.istio.io/config", "a: [", "not valid YAML"),
     ("bpfinit.io/inject", "False", 'must be "true" or "false"'),
@@ -123,3 +128,11 @@ def test_sidecar_injection_disabled_reads_like_istio_inject_required(labels, ann
 ])
 def test_injection_templates_are_trimmed_like_istio_select_templates(value, names):
     assert annotations_mod.injection_templates(value) == names
+
+
+@pytest.mark.parametrize("value,mode", [
+    ("REDIRECT", "REDIRECT"), ("NONE", "NONE"), (0, "REDIRECT"), (1, "TPROXY"), (2, "NONE"),
+    (3, None), (-1, None), (True, None), (False, None), ("none", None), ("2", None), (2.0, None), ([2], None),
+])
+def test_proxy_config_interception_mode_reads_names_and_enum_numbers(value, mode):
+    assert annotations_mod.proxy_config_interception_mode(value) == mode
