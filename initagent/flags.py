@@ -561,13 +561,12 @@ def unsupported_reasons(cfg: CaptureConfig) -> tuple[str, ...]:
         # (inbound engineer) sk_lookup alone would preserve src/dst, but TPROXY mode also makes the proxy
         # connect to the app from the client's address and routes the replies back by conntrack connmark
         # (mark 1337 -> table 133): that needs conntrack in the pod. See docs/datapath.md.
-        reasons.append("-m TPROXY is not supported: its original-source return path needs conntrack "
-                       "connmark in the pod")
+        # (Kept short: the webhook shows each reason as a kubectl warning line, <= 120 chars with its prefix.)
+        reasons.append("-m TPROXY not supported (its return path needs conntrack connmark)")
     if cfg.drop_invalid:
-        reasons.append("--drop-invalid (conntrack INVALID drop) is not supported")
+        reasons.append("--drop-invalid (conntrack INVALID drop) not supported")
     if cfg.kube_virt_interfaces and (cfg.outbound_include_all or cfg.outbound_include_cidrs):
         # (inbound engineer) -k without -i is supported (no capture on those NICs; sk_lookup). With -i,
         # istio REDIRECTs VM traffic to ANY destination to <-p>; sk_lookup only sees local destinations.
-        reasons.append("-k with -i is not supported: traffic from a virtual interface to non-local "
-                       "destinations cannot be sent to the proxy without NAT")
+        reasons.append("-k with -i not supported (VM traffic to non-local hosts needs NAT)")
     return tuple(reasons)

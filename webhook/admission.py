@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import base64
 import json
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 # controller-runtime's cap: an UPDATE carries object + oldObject (2 x 3 MiB) + envelope.
 MAX_BODY_BYTES = 7 * 1024 * 1024
-# kubectl shows warnings; long ones may be truncated by the apiserver (>256 chars).
-MAX_WARNING_CHARS = 256
+# kubectl prints each warning as a `Warning:` line. admission-webhook-practices.md §3.3: keep each <= 120
+# chars (the apiserver may truncate entries over 256). Texts we write are short; variable parts (user
+# values, exception text) are wrapped onto further warning lines at word boundaries, never cut.
+WARNING_CHARS = 120
 # Pods here are never mutated or policed, whatever the webhook configurations' selectors say.
 ALWAYS_PROTECTED_NAMESPACES = ("kube-system",)
 STATUS_REASONS = {403: "Forbidden", 422: "Invalid", 500: "InternalError"}
@@ -114,8 +117,12 @@ def is_pod_create(request: dict) -> bool:
             and not request.get("subResource") and isinstance(request.get("object"), dict))
 
 
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def warning_lines(text: str, limit: int = WARNING_CHARS) -> list[str]:
+    """One warning as kubectl lines of <= `limit` chars: as it is when short enough, else wrapped at word
+    boundaries (continuation lines indented by two spaces; only a single word longer than a line is split)."""
+    if len(text) <= limit:
+        return [text]
+    return textwrap.wrap(text, width=limit, subsequent_indent="  ", break_on_hyphens=False) or [text[:limit]]
 
 
 def build_response(review: dict, decision: Decision) -> dict:
@@ -130,7 +137,7 @@ def build_response(review: dict, decision: Decision) -> dict:
         response["patch"] = base64.b64encode(
             json.dumps(decision.patch, separators=(",", ":")).encode()).decode("ascii")
     if decision.warnings:
-        response["warnings"] = [_clip(w, MAX_WARNING_CHARS) for w in decision.warnings]
+        response["warnings"] = [line for w in decision.warnings for line in warning_lines(w)]
     if decision.audit_annotations:
         response["auditAnnotations"] = dict(decision.audit_annotations)
     return {"apiVersion": review["apiVersion"], "kind": "AdmissionReview", "response": response}

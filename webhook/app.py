@@ -54,8 +54,8 @@ def internal_error_decision(webhook: str, uid: str, error: BaseException) -> Dec
     if webhook == "mutate":
         # Same as failurePolicy Ignore: the pod keeps iptables istio-init, which is safe.
         return Decision(allowed=True, warnings=[
-            f"bpfinit internal error (request {uid}): {one_line(error)}; "
-            "pod left unchanged, it keeps iptables istio-init"])
+            f"bpfinit internal error (request {uid}); pod left unchanged: it keeps iptables istio-init",
+            *admission.warning_lines(f"bpfinit internal error: {one_line(error)}")])
     # The validator fails closed: a policy we could not evaluate is not a pass. The message is visible
     # to the user, and the uid finds the traceback in the webhook's log.
     return Decision(allowed=False, code=500,

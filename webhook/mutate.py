@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from initagent import flags as agent_flags
 from webhook import annotations as ann
 from webhook import patchcheck
+from webhook.admission import warning_lines
 
 ISTIO_INIT = "istio-init"
 ISTIO_VALIDATION = "istio-validation"
@@ -326,11 +327,12 @@ def mutate(pod: dict, settings: MutationSettings, egress_allow: Sequence[str] | 
     try:
         config = agent_flags.parse(agent_args, _literal_env(env))
     except agent_flags.FlagError as reason:
+        return MutationResult("unsupported-flags", warnings=warning_lines(
+            f"bpfinit: pod keeps iptables istio-init: agent cannot parse its flags: {reason}"))
+    if config.unsupported:   # one kubectl line per reason
         return MutationResult("unsupported-flags", warnings=[
-            f"bpfinit: pod keeps iptables istio-init: agent cannot parse its flags: {reason}"])
-    if config.unsupported:
-        return MutationResult("unsupported-flags", warnings=[
-            "bpfinit: pod keeps iptables istio-init: not supported by the agent: " + "; ".join(config.unsupported)])
+            line for reason in config.unsupported
+            for line in warning_lines(f"bpfinit: pod keeps iptables istio-init: {reason}")])
 
     base = pointer("spec", "initContainers", index)
     record = {
@@ -346,6 +348,6 @@ def mutate(pod: dict, settings: MutationSettings, egress_allow: Sequence[str] | 
            + _volume_ops(spec) + _status_ops(pod, record))
     failure = _self_check(pod, ops, index, agent_args)
     if failure:
-        return MutationResult("internal-error", warnings=[
-            f"bpfinit: pod left unchanged: internal error building the patch ({failure})"])
+        return MutationResult("internal-error", warnings=warning_lines(
+            f"bpfinit: pod left unchanged: internal error building the patch ({failure})"))
     return MutationResult("swapped", patch=ops)

@@ -167,6 +167,18 @@ def test_pods_the_mutator_leaves_alone_are_allowed_whatever_their_annotations(we
     assert denied["allowed"] is False and denied["status"]["code"] == 422
 
 
+def test_warnings_over_https_are_short_lines_with_nothing_lost(webhook_server):
+    pod = hello()
+    args = pod["spec"]["initContainers"][0]["args"]
+    args[args.index("-x") + 1] = "10.0.0.0/8," + ",".join(f"bogus-cidr-{i}" for i in range(40))
+    answer = webhook_server.review(pod_create_review(pod))
+    warnings = answer["response"]["warnings"]
+    assert len(warnings) > 1 and all(len(w) <= 120 for w in warnings), warnings
+    text = " ".join(w.strip() for w in warnings)
+    assert text.startswith("bpfinit: pod keeps iptables istio-init: agent cannot parse its flags: invalid CIDR")
+    assert "bogus-cidr-0" in text and not text.endswith("...")
+
+
 def test_validate_never_returns_a_patch(webhook_server):
     review = pod_create_review(hello())
     answer = webhook_server.review(review, "/validate")

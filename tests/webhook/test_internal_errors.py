@@ -55,9 +55,10 @@ def test_mutate_fails_open_without_a_patch_and_says_so(exploding_server):
     assert admission.verify_response(review, answer, mutating=True) == []
     response = answer["response"]
     assert response["allowed"] is True and decode_patch(answer) is None and "patchType" not in response
-    (warning,) = response["warnings"]
-    assert warning.startswith(f"bpfinit internal error (request {uid}): KeyError: ")
-    assert "keeps iptables istio-init" in warning and "Traceback" not in warning
+    first, *error = response["warnings"]
+    assert first == f"bpfinit internal error (request {uid}); pod left unchanged: it keeps iptables istio-init"
+    assert error and error[0].startswith("bpfinit internal error: KeyError: ")
+    assert all(len(w) <= 120 and "Traceback" not in w for w in response["warnings"])
 
 
 def test_traceback_is_logged_as_json_with_the_uid(exploding_server):

@@ -376,6 +376,87 @@ def test_our_own_volumes_as_the_apiserver_defaults_them_are_reused():
     assert not [op for op in result.patch if op["path"].startswith("/spec/volumes")]
 
 
+def _with_args(*extra: str, replace: tuple = ()):
+    def build():
+        pod = hello()
+        args = agent_of(pod)["args"]
+        for flag, value in replace:
+            args[args.index(flag) + 1] = value
+        args += list(extra)
+        return pod
+    return build
+
+
+def _cni_pod():
+    pod = hello()
+    agent_of(pod)["name"] = "istio-validation"
+    return pod
+
+
+def _opted_out_pod():
+    pod = hello()
+    pod["metadata"]["annotations"]["bpfinit.io/inject"] = "false"
+    return pod
+
+
+def _overridden_pod():
+    pod = hello()
+    agent_of(pod)["command"] = ["/bin/sh", "-c", "iptables -t nat -F; " * 20]
+    return pod
+
+
+WARNING_PATHS = {   # every way mutate() says something, with the longest variable parts we could think of
+    "istio-cni": (_cni_pod, "istio-cni"),
+    "opted-out": (_opted_out_pod, "opted-out"),
+    "user-override": (_overridden_pod, "user-override"),
+    "tproxy": (_with_args(replace=(("-m", "TPROXY"),)), "unsupported-flags"),
+    "drop-invalid": (_with_args("--drop-invalid"), "unsupported-flags"),
+    "kubevirt-with-include": (_with_args("-k", "net1"), "unsupported-flags"),
+    "all-unsupported": (_with_args("--drop-invalid", "-k", "net1", replace=(("-m", "TPROXY"),)), "unsupported-flags"),
+    "parse-error": (_with_args(replace=(("-x", "10.0.0.0/8," + ",".join(f"bogus-cidr-{i}" for i in range(40))),)),
+                    "unsupported-flags"),
+    "parse-error-one-long-word": (_with_args(replace=(("-x", "x" * 400),)), "unsupported-flags"),
+}
+
+
+@pytest.mark.parametrize("name", list(WARNING_PATHS))
+def test_every_mutator_warning_is_a_short_kubectl_line(name):
+    """admission-webhook-practices.md §3.3: each warning <= 120 chars; long variable parts are wrapped onto
+    further lines at word boundaries, so nothing is lost."""
+    make, outcome = WARNING_PATHS[name]
+    result = mutate(make(), SETTINGS)
+    assert result.outcome == outcome and result.warnings
+    assert all(len(line) <= 120 for line in result.warnings), result.warnings
+    assert all(line.startswith("bpfinit: ") or line.startswith("  ") for line in result.warnings)
+    if name == "parse-error":
+        text = " ".join(line.strip() for line in result.warnings)
+        assert "bogus-cidr-0" in text and "agent cannot parse its flags: invalid CIDR" in text
+
+
+def test_each_unsupported_reason_is_its_own_warning_line():
+    result = mutate(WARNING_PATHS["all-unsupported"][0](), SETTINGS)
+    assert result.warnings == [
+        "bpfinit: pod keeps iptables istio-init: -m TPROXY not supported (its return path needs conntrack connmark)",
+        "bpfinit: pod keeps iptables istio-init: --drop-invalid (conntrack INVALID drop) not supported",
+        "bpfinit: pod keeps iptables istio-init: -k with -i not supported (VM traffic to non-local hosts needs NAT)",
+    ]
+
+
+def test_a_long_internal_error_warning_is_wrapped_not_clipped(monkeypatch):
+    import webhook.mutate as mutate_module
+    monkeypatch.setattr(mutate_module, "_self_check", lambda *a: "patched container is not the agent " * 8)
+    result = mutate(hello(), SETTINGS)
+    assert result.outcome == "internal-error" and len(result.warnings) > 1
+    assert all(len(line) <= 120 for line in result.warnings)
+    assert " ".join(w.strip() for w in result.warnings).count("patched container is not the agent") == 8
+
+
+def test_every_golden_pod_gets_short_warnings_only():
+    for path in injected_files():
+        for pod in pods_in_file(path):
+            assert all(len(w) <= 120 for w in mutate(pod, SETTINGS).warnings), path.name
+
+
 def test_env_from_proxy_metadata_is_carried_over():
     pod = pods_in_file(INJECTED / "traffic-annotations.yaml.injected")[0]
     istio_env = copy.deepcopy(agent_of(pod)["env"])
