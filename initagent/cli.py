@@ -162,6 +162,8 @@ def cmd_gc(argv: list[str]) -> int:
     print(json.dumps(report, sort_keys=True) if args.json else
           f"bpfinit-agent: gc removed {report['pods_removed']} dead pods, {report['entries_removed']} entries, "
           f"{report['dirs_removed']} stale pin dirs")
+    if report.get("refused"):
+        return _err(f"gc refused: {report['refused']}")
     return 0
 
 
