@@ -79,14 +79,21 @@ def _random_pod_idx() -> int:
     return 1 + int.from_bytes(os.urandom(8), "little") % (2**31 - 2)
 
 
-def _allocate_idx(build: Build, info: bytes) -> int:
+def _allocate_idx(build: Build, info: bytes, bpffs, cookie: int) -> int:
     fd = build.map_fd("pod_registry")
+    reclaimed = None
     for _ in range(64):
         idx = _random_pod_idx()
         try:
             bpfsys.map_update(fd, podconfig.U32.pack(idx), info, bpfsys.BPF_NOEXIST)
             return idx
         except bpfsys.BpfError as err:
+            if err.errno == 7 and reclaimed is None:   # E2BIG: the registry is full; reclaim dead pods once
+                reclaimed = reclaim_dead(build, bpffs, keep_cookie=cookie)
+                continue
+            if err.errno == 7:
+                raise AttachError(f"pod registry full ({bpfsys.map_info(fd)['max_entries']} pods) and no pod "
+                                  "is known dead: run `bpfinit-agent gc` on the node") from None
             if err.errno != 17:  # EEXIST: someone else holds it, try another
                 raise
     raise AttachError("could not allocate a pod index (registry full?)")
@@ -155,7 +162,7 @@ def setup_pod(build: Build, bpffs: str | Path, cfg: CaptureConfig, facts: PodFac
             return SetupResult(old_idx, False, final_dir, 0)
 
     pending = podconfig.pod_info_value(cookie, cgroup_id, netns_ino, time.time_ns(), os.getpid(), 0, digest)
-    pod_idx = _allocate_idx(build, pending)
+    pod_idx = _allocate_idx(build, pending, bpffs, cookie)
     entries: dict = {}
     link_fds: list[int] = []
     new_dir = root / f"{pod_key(cookie)}_new_{os.getpid()}"
@@ -218,20 +225,93 @@ def setup_pod(build: Build, bpffs: str | Path, cfg: CaptureConfig, facts: PodFac
     _unpin_dir(old_dir)
     if old_idx is not None and old_idx != pod_idx:
         delete_pod_entries(build, old_idx)
-    remove_same_cgroup_leftovers(build, bpffs, cgroup_id, keep_cookie=cookie)
+    registered = remove_same_cgroup_leftovers(build, bpffs, cgroup_id, keep_cookie=cookie)
+    if registered >= RECLAIM_AT * bpfsys.map_info(build.map_fd("pod_registry"))["max_entries"]:
+        reclaim_dead(build, bpffs, keep_cookie=cookie)
     return SetupResult(pod_idx, True, final_dir, count)
 
 
-def remove_same_cgroup_leftovers(build: Build, bpffs, cgroup_id: int, keep_cookie: int) -> None:
-    """A pod sandbox restart gives the pod a new netns under the same cgroup: drop the old one's state."""
+def remove_same_cgroup_leftovers(build: Build, bpffs, cgroup_id: int, keep_cookie: int) -> int:
+    """A pod sandbox restart gives the pod a new netns under the same cgroup: drop the old one's state.
+    Returns how many registry entries there were (the walk is needed anyway; setup uses the count)."""
     fd = build.map_fd("pod_registry")
-    for key in bpfsys.map_keys(fd, 4):
+    keys = bpfsys.map_keys(fd, 4)
+    for key in keys:
         raw = bpfsys.map_lookup(fd, key, podconfig.POD_INFO.size)
         if not raw:
             continue
         info = podconfig.unpack_pod_info(raw)
         if info["cgroup_id"] == cgroup_id and info["netns_cookie"] != keep_cookie and info["committed"]:
             remove_pod(build, bpffs, info["netns_cookie"], podconfig.U32.unpack(key)[0])
+    return len(keys)
+
+
+# Setup reclaims dead pods itself once the registry is this full (and when it is full); below that, dead
+# pods wait for `bpfinit-agent gc`, so the warm path pays nothing for them.
+RECLAIM_AT = 0.9
+
+
+def cgroup_released(build: Build, bpffs, cookie: int) -> bool:
+    """True when the kernel has released the pod's cgroup: the kernel auto-detaches a cgroup's bpf links
+    when the cgroup is removed and its last socket is gone, and the pinned link then reports cgroup id 0.
+    This is evidence from the kernel itself, with no cgroupfs walk (the init container may not see the
+    host's tree) and no pid check (it runs in the pod's pid namespace). No pinned link proves nothing (a
+    concurrent re-setup renames the pin dir), so such a pod is kept."""
+    pod_dir = pods_root(bpffs) / pod_key(cookie)
+    if not pod_dir.is_dir():
+        return False
+    for spec in build.programs:
+        if spec.target != "cgroup":
+            continue
+        try:
+            with bpfsys.Fd(bpfsys.obj_get(str(pod_dir / spec.name))) as link:
+                return bpfsys.link_info(link.fd).get("cgroup_id", -1) == 0
+        except OSError:
+            continue
+    return False
+
+
+def reclaim_dead(build: Build, bpffs, keep_cookie: int | None = None) -> int:
+    """Remove every committed pod whose cgroup the kernel has released (cgroup_released). One pass over
+    the list maps for all of them. Returns the number of pods removed."""
+    fd = build.map_fd("pod_registry")
+    dead: dict[int, int] = {}
+    for key in bpfsys.map_keys(fd, 4):
+        raw = bpfsys.map_lookup(fd, key, podconfig.POD_INFO.size)
+        if not raw:
+            continue
+        info = podconfig.unpack_pod_info(raw)
+        if info["committed"] and info["netns_cookie"] != keep_cookie and \
+                cgroup_released(build, bpffs, info["netns_cookie"]):
+            dead[podconfig.U32.unpack(key)[0]] = info["netns_cookie"]
+    if dead:
+        remove_pods(build, bpffs, dead)
+    return len(dead)
+
+
+def remove_pods(build: Build, bpffs, pods: dict[int, int]) -> int:
+    """remove_pod for many pods ({pod_idx: netns cookie}) with one scan of each list map."""
+    for pod_idx, cookie in pods.items():
+        current = _read_cfg(build, cookie)
+        if current and current["pod_idx"] != pod_idx:
+            continue   # the netns has a newer generation: leave its config and pins alone
+        if current:
+            bpfsys.map_delete(build.map_fd("pod_by_netns"), podconfig.U64.pack(cookie))
+        _unpin_dir(pods_root(bpffs) / pod_key(cookie))
+    removed = 0
+    for name, key_size in podconfig.LIST_MAPS.items():
+        if not build.has_map(name):
+            continue
+        map_fd = build.map_fd(name)
+        for key in bpfsys.map_keys(map_fd, key_size):
+            if podconfig.key_pod_idx(name, key) in pods:
+                removed += bpfsys.map_delete(map_fd, key)
+    for pod_idx in pods:
+        bpfsys.map_delete(build.map_fd("pod_registry"), podconfig.U32.pack(pod_idx))
+        if build.has_map("obs_identity"):
+            from initagent import identity
+            identity.forget(build.dir, pod_idx)
+    return removed
 
 
 def remove_pod(build: Build, bpffs, cookie: int, pod_idx: int | None = None) -> int:

@@ -51,15 +51,44 @@ def cgroup_id(path: Path | str) -> int:
     return os.stat(path).st_ino
 
 
-def alive_ids(root: Path | None = None) -> set[int]:
-    """Inodes (= cgroup ids) of every cgroup v2 directory: gc's liveness test."""
-    root = root or v2_root()
+def tree_root(root: Path | str | None = None) -> Path:
+    """The root of the host's cgroup v2 hierarchy, for walks that decide liveness (gc).
+
+    A given root (--cgroup2-root, BPFINIT_CGROUP2_ROOT) must be exactly that: a missing or non-cgroup
+    directory, or a sub-cgroup (a cgroup namespace's view is one), would hide live pods from the walk and
+    make them look dead. Candidates are only tried when nothing was given."""
+    given = str(root) if root else os.environ.get("BPFINIT_CGROUP2_ROOT", "")
+    if given:
+        path = Path(given)
+        if not (path / "cgroup.controllers").exists():
+            raise CgroupError(f"{given} is not a cgroup v2 root (no cgroup.controllers)")
+        if (path / "cgroup.type").exists():
+            raise CgroupError(f"{given} is a cgroup v2 sub-cgroup (it has cgroup.type), not the root of the "
+                              "hierarchy: a walk from it would not see every pod")
+        return path
+    for candidate in CANDIDATE_ROOTS:
+        path = Path(candidate)
+        if (path / "cgroup.controllers").exists() and not (path / "cgroup.type").exists():
+            return path
+    raise CgroupError("no cgroup v2 hierarchy root found (looked at /sys/fs/cgroup[/unified], "
+                      "/host/sys/fs/cgroup[/unified]); pass --cgroup2-root")
+
+
+def alive_ids(root: Path | str | None = None) -> set[int]:
+    """Inodes (= cgroup ids) of every cgroup v2 directory: gc's liveness test. Raises CgroupError rather
+    than return a partial set (a cgroup missed here is a pod gc would remove)."""
+    root = tree_root(root)
     ids = set()
-    for dirpath, _dirs, _files in os.walk(root):
+
+    def failed(err: OSError) -> None:
+        if not isinstance(err, FileNotFoundError):   # removed during the walk: it is dead anyway
+            raise CgroupError(f"cannot walk the cgroup tree under {root}: {err}")
+
+    for dirpath, _dirs, _files in os.walk(root, onerror=failed):
         try:
             ids.add(os.stat(dirpath).st_ino)
-        except OSError:
+        except FileNotFoundError:
             pass
         if len(ids) > MAX_WALK_DIRS:
-            break
+            raise CgroupError(f"more than {MAX_WALK_DIRS} cgroups under {root}: not walking a partial tree")
     return ids

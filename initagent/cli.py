@@ -43,20 +43,46 @@ def _resolve_cgroup(cfg) -> str:
     return str(cgroup.find_pod_cgroup(pod_uid))
 
 
+def _same_file(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _target_netns(cfg) -> str:
+    """The netns to work in: bpfinit's --netns or istio's --network-namespace / NETWORK_NAMESPACE (the
+    CNI path's "netns to apply rules in"); "" = the current one. Both given must name the same netns."""
+    from initagent import flags
+    if cfg.netns and cfg.network_namespace and not _same_file(cfg.netns, cfg.network_namespace):
+        raise flags.FlagError(f"--netns {cfg.netns} and --network-namespace {cfg.network_namespace} "
+                              "name different network namespaces")
+    return cfg.netns or cfg.network_namespace
+
+
 def cmd_setup(argv: list[str]) -> int:
     from initagent import flags
     t0 = time.monotonic()
     try:
         cfg = flags.parse(argv, os.environ, lookup_uid=_lookup_uid)
+        netns_path = _target_netns(cfg)
+    except flags.HelpRequested:
+        print(flags.usage())
+        return 0
     except flags.FlagError as err:
         return _err(str(err), EXIT_USAGE)
+    for warning in cfg.warnings:
+        print(f"bpfinit-agent: warning: {warning}", file=sys.stderr)
     if cfg.unsupported:
         return _err("unsupported: " + "; ".join(cfg.unsupported), EXIT_USAGE)
     if cfg.dry_run:
         print(json.dumps(cfg.to_dict(), sort_keys=True))
         return 0
     if cfg.cleanup_only:
-        return cmd_cleanup(argv)
+        return _cleanup(cfg.bpffs, netns_path)
     if cfg.skip_rule_apply:
         # istio-validation (CNI mode) = --skip-rule-apply --run-validation: only probe what is there
         if cfg.run_validation:
@@ -65,8 +91,8 @@ def cmd_setup(argv: list[str]) -> int:
         return 0
     from initagent import attach, cgroup, loader, netns
     try:
-        if cfg.netns:
-            netns.enter(cfg.netns)
+        if netns_path:
+            netns.enter(netns_path)
         cgroup_path = _resolve_cgroup(cfg)
         build = loader.load(cfg.bpffs, cfg.kernel_headers, _parts_from_env())
         facts = netns.gather(cfg)
@@ -82,8 +108,6 @@ def cmd_setup(argv: list[str]) -> int:
         if os.environ.get("BPFINIT_DEBUG"):
             raise
         return _err(f"setup failed: {err}")
-    for warning in cfg.warnings:
-        print(f"bpfinit-agent: warning: {warning}", file=sys.stderr)
     if cfg.run_validation:   # istio's redirect validator (initagent/validation.py); 126 on failure
         from initagent import validation
         code = validation.run(cfg, ipv6=facts.ipv6_enabled and not any(
@@ -101,29 +125,61 @@ def _parts_from_env():
     return loader.parts_from_env()
 
 
+# Options of the other subcommands; each subcommand's parser has only its own (SUBCOMMAND_OPTIONS).
+_OPTIONS = {
+    "--bpffs": dict(default="/sys/fs/bpf", metavar="DIR", help="bpffs where bpfinit's pins live "
+                    "(default /sys/fs/bpf; must exist)"),
+    "--netns": dict(default="", metavar="PATH", help="enter this netns first (default: the current one)"),
+    "--json": dict(action="store_true", help="print JSON"),
+    "--cgroup2-root": dict(default="", metavar="DIR", help="root of the host's cgroup v2 hierarchy to walk "
+                           "(default: BPFINIT_CGROUP2_ROOT, else /sys/fs/cgroup[/unified]); a directory that "
+                           "is not a cgroup v2 root is refused"),
+    "--all": dict(action="store_true", help="counters of every pod on the node"),
+}
+SUBCOMMAND_OPTIONS = {
+    "status": ("--json", "--bpffs", "--netns", "--all"),
+    "cleanup": ("--bpffs", "--netns"),
+    "gc": ("--json", "--bpffs", "--cgroup2-root"),
+    "doctor": ("--json", "--bpffs"),
+}
+_DESCRIPTIONS = {
+    "status": "What is attached to this pod (its netns) and its effective config; exit 3 = not configured.",
+    "cleanup": "Detach this pod (its netns) and remove its entries.",
+    "gc": "Remove config entries and pins of pods whose cgroup is gone (run on the node).",
+    "doctor": "Check that this host's kernel has what bpfinit needs.",
+}
+
+
 def _own_args(argv: list[str], prog: str):
-    import argparse
-    parser = argparse.ArgumentParser(prog=f"bpfinit-agent {prog}")
-    parser.add_argument("--bpffs", default="/sys/fs/bpf")
-    parser.add_argument("--netns", default="")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--cgroup2-root", default="")
-    parser.add_argument("--all", action="store_true", help="status: counters of every pod on the node")
-    args, _rest = parser.parse_known_args(argv)   # tolerate istio flags (cleanup-only passes them)
-    return args
+    """(args, None), or (None, exit code) after --help (0) or a bad argument (one line, 2)."""
+    from initagent.cliparse import OneLineParser
+    parser = OneLineParser(prog=f"bpfinit-agent {prog}", description=_DESCRIPTIONS[prog])
+    for name in SUBCOMMAND_OPTIONS[prog]:
+        parser.add_argument(name, **_OPTIONS[name])
+    try:
+        return parser.parse_args(argv), None
+    except SystemExit as stop:
+        return None, stop.code if isinstance(stop.code, int) else EXIT_USAGE
 
 
 def cmd_cleanup(argv: list[str]) -> int:
+    args, code = _own_args(argv, "cleanup")
+    if args is None:
+        return code
+    return _cleanup(args.bpffs, args.netns)
+
+
+def _cleanup(bpffs: str, netns_path: str) -> int:
     from initagent import attach, loader, netns
-    args = _own_args(argv, "cleanup")
     try:
-        if args.netns:
-            netns.enter(args.netns)
+        directories = loader.builds(bpffs, must_exist=True)
+        if netns_path:
+            netns.enter(netns_path)
         cookie = netns.cookie()
         removed = 0
-        for directory in loader.builds(args.bpffs):
+        for directory in directories:
             with _open_build(directory) as build:
-                removed += attach.remove_pod(build, args.bpffs, cookie)
+                removed += attach.remove_pod(build, bpffs, cookie)
     except (OSError, RuntimeError) as err:
         return _err(f"cleanup failed: {err}")
     print(f"bpfinit-agent: detached this pod (netns cookie {cookie}), {removed} entries removed")
@@ -137,7 +193,9 @@ def _open_build(directory):
 
 def cmd_status(argv: list[str]) -> int:
     from initagent import status
-    args = _own_args(argv, "status")
+    args, code = _own_args(argv, "status")
+    if args is None:
+        return code
     if args.all:
         from initagent import counters
         return counters.cmd_all(args.bpffs, args.json)
@@ -154,7 +212,9 @@ def cmd_status(argv: list[str]) -> int:
 
 def cmd_gc(argv: list[str]) -> int:
     from initagent import gc
-    args = _own_args(argv, "gc")
+    args, code = _own_args(argv, "gc")
+    if args is None:
+        return code
     try:
         report = gc.collect(args.bpffs, args.cgroup2_root or None)
     except (OSError, RuntimeError) as err:
@@ -162,12 +222,16 @@ def cmd_gc(argv: list[str]) -> int:
     print(json.dumps(report, sort_keys=True) if args.json else
           f"bpfinit-agent: gc removed {report['pods_removed']} dead pods, {report['entries_removed']} entries, "
           f"{report['dirs_removed']} stale pin dirs")
+    if report.get("refused"):
+        return _err(f"gc refused: {report['refused']}")
     return 0
 
 
 def cmd_doctor(argv: list[str]) -> int:
     from initagent import doctor
-    args = _own_args(argv, "doctor")
+    args, code = _own_args(argv, "doctor")
+    if args is None:
+        return code
     checks = doctor.run_checks(args.bpffs)
     if args.json:
         print(json.dumps(checks, indent=2))

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from initagent import counters, obsmaps
+from initagent.cliparse import OneLineParser
 
 DEFAULT_LISTEN = "0.0.0.0:9965"
 
@@ -118,8 +119,8 @@ def serve(bpffs: Path | str, listen: str, ready: threading.Event | None = None,
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="bpfinit-agent exporter",
-                                          description="Prometheus endpoint for bpfinit's per-pod counters.")
+    p = parser or OneLineParser(prog="bpfinit-agent exporter",
+                                description="Prometheus endpoint for bpfinit's per-pod counters.")
     p.add_argument("--bpffs", default=os.environ.get("BPFINIT_BPFFS", "/sys/fs/bpf"))
     p.add_argument("--listen", default=os.environ.get("BPFINIT_EXPORTER_LISTEN", DEFAULT_LISTEN))
     return p

@@ -24,6 +24,13 @@ class FlagError(ValueError):
     """Invalid or unknown input; str(err) is a one-line reason."""
 
 
+class HelpRequested(FlagError):
+    """-h/--help was given (pflag's built-in help): the caller prints usage() and exits 0."""
+
+    def __init__(self):
+        super().__init__("help requested")
+
+
 @dataclass(frozen=True)
 class EgressRule:
     """One `--egress-allow` item: a CIDR and an inclusive port range (0-65535 = any port)."""
@@ -135,8 +142,9 @@ def _jsonable(value):
 
 # ----------------------------------------------------------------------------------------------------
 # Flag table: long name -> (shorthand, kind, env names in the order istio applies them, config field)
-# kind: "str" (value taken verbatim, converted later) or "bool". Later env names override earlier ones
-# (istio's flag.AdditionalEnv calls fs.Set after BindEnv).
+# kind: "str" (value taken verbatim, converted later), "bool", "uint16" or "duration" (typed pflag values in
+# Istio: an env value they reject is ignored, since BindEnv does `_ = fs.Set(...)`; a CLI value they reject
+# is an error). Later env names override earlier ones (istio's flag.AdditionalEnv calls fs.Set after BindEnv).
 # ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Flag:
@@ -173,8 +181,8 @@ _FLAGS = [
     _flag("istio-inbound-tproxy-mark", "t"),
     _flag("istio-inbound-tproxy-route-table", "r"),
     _flag("dry-run", "n", kind="bool"),
-    _flag("iptables-probe-port"),
-    _flag("probe-timeout"),
+    _flag("iptables-probe-port", kind="uint16"),
+    _flag("probe-timeout", kind="duration"),
     _flag("skip-rule-apply", kind="bool"),
     _flag("run-validation", kind="bool"),
     _flag("redirect-dns", kind="bool", extra_env=("ISTIO_META_DNS_CAPTURE",)),
@@ -259,6 +267,33 @@ def parse_go_duration(value: str) -> float:
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
     return sign * total
+
+
+def parse_go_uint(value: str, bits: int) -> int:
+    """Go's strconv.ParseUint(value, 0, bits), what pflag's uint16 flags use: decimal, 0x/0o/0b prefixes,
+    a leading 0 for octal, `_` between digits; no sign, no spaces."""
+    text = value
+    if not text or not text.isascii() or text[0] in "+-" or text != text.strip():
+        raise ValueError(f"invalid number {value!r}")
+    if len(text) > 1 and text[0] == "0" and text[1] not in "xXoObB":
+        text = "0o" + text[1:]
+    try:
+        number = int(text, 0)
+    except ValueError:
+        raise ValueError(f"invalid number {value!r}") from None
+    if number >= 1 << bits:
+        raise ValueError(f"number {value!r} out of range for uint{bits}")
+    return number
+
+
+def _check_typed(kind: str, value: str) -> None:
+    """Raise ValueError when a typed flag (bool, uint16, duration) would reject value, as pflag's Set does."""
+    if kind == "bool":
+        parse_go_bool(value)
+    elif kind == "uint16":
+        parse_go_uint(value, 16)
+    elif kind == "duration":
+        parse_go_duration(value)
 
 
 def parse_port(text: str, what: str) -> int:
@@ -353,6 +388,8 @@ def _tokenize(argv: Sequence[str]) -> dict[str, str]:
     while i < len(args):
         token = args[i]
         i += 1
+        if token in ("-h", "--help"):   # pflag's built-in help (only where a flag may stand)
+            raise HelpRequested()
         if token == "--":
             if i < len(args):
                 raise FlagError(f"unexpected argument {args[i]!r}")
@@ -386,6 +423,11 @@ def _tokenize(argv: Sequence[str]) -> dict[str, str]:
                 raise FlagError(f"flag needs an argument: --{spec.long}")
             value = args[i]
             i += 1
+        if spec.kind in ("uint16", "duration"):
+            try:
+                _check_typed(spec.kind, value)
+            except ValueError as err:
+                raise FlagError(f"invalid argument {value!r} for --{spec.long}: {err}") from None
         given[spec.long] = value  # pflag: the last occurrence wins
     return given
 
@@ -401,12 +443,13 @@ def _resolve(given: dict[str, str], env: Mapping[str, str], warnings: list[str])
             if env_name not in env:
                 continue
             raw = env[env_name]
-            if spec.kind == "bool":
-                try:
-                    parse_go_bool(raw)
-                except ValueError:
-                    warnings.append(f"ignored env {env_name}={raw!r}: not a boolean")
-                    continue
+            try:
+                _check_typed(spec.kind, raw)
+            except ValueError:
+                what = {"bool": "a boolean", "uint16": "a port number (uint16)", "duration": "a duration"}
+                warnings.append(f"ignored env {env_name}={raw!r}: not {what[spec.kind]}; "
+                                f"--{spec.long} keeps its default")
+                continue
             values[spec.long] = raw
     return values
 
@@ -448,7 +491,8 @@ def parse(
     kw["proxy_port"] = port("envoy-port", 15001, "-p/--envoy-port")
     kw["inbound_capture_port"] = port("inbound-capture-port", 15006, "-z/--inbound-capture-port")
     kw["inbound_tunnel_port"] = port("inbound-tunnel-port", 15008, "-e/--inbound-tunnel-port")
-    kw["probe_port"] = port("iptables-probe-port", 15002, "--iptables-probe-port")
+    kw["probe_port"] = parse_go_uint(values["iptables-probe-port"], 16) if "iptables-probe-port" in values \
+        else 15002
     for key, long in (("proxy_port", "envoy-port"), ("inbound_capture_port", "inbound-capture-port")):
         if kw[key] == 0:
             raise FlagError(f"port 0 is not a valid --{long}")
@@ -494,11 +538,8 @@ def parse(
     kw["tproxy_route_table"] = _int(values, "istio-inbound-tproxy-route-table", 133,
                                     "-r/--istio-inbound-tproxy-route-table")
 
-    if "probe-timeout" in values:
-        try:
-            kw["probe_timeout_s"] = parse_go_duration(values["probe-timeout"])
-        except ValueError as err:
-            raise FlagError(f"--probe-timeout: {err}") from None
+    if "probe-timeout" in values:   # checked by _tokenize (CLI) or _resolve (env)
+        kw["probe_timeout_s"] = parse_go_duration(values["probe-timeout"])
 
     for key, long in (("dry_run", "dry-run"), ("skip_rule_apply", "skip-rule-apply"),
                       ("run_validation", "run-validation"), ("redirect_dns", "redirect-dns"),
@@ -570,3 +611,19 @@ def unsupported_reasons(cfg: CaptureConfig) -> tuple[str, ...]:
         # istio REDIRECTs VM traffic to ANY destination to <-p>; sk_lookup only sees local destinations.
         reasons.append("-k with -i not supported (VM traffic to non-local hosts needs NAT)")
     return tuple(reasons)
+
+
+def usage() -> str:
+    """`bpfinit-agent setup --help`: every flag, its shorthand and its env names."""
+    own = [f.long for f in _FLAGS].index("egress-allow")
+    lines = ["usage: bpfinit-agent setup [flags]", "",
+             "istio-iptables' flags, same names, env and defaults (CLI > env > default):"]
+    for n, spec in enumerate(_FLAGS):
+        if n == own:
+            lines += ["", "bpfinit's own:"]
+        name = (f"-{spec.short}, " if spec.short else "    ") + f"--{spec.long}" + \
+            ("" if spec.kind == "bool" else " VALUE")
+        env = ("env " + ", ".join(spec.envs)) if spec.envs else ""
+        lines.append(f"  {name:<48} {env}".rstrip())
+    lines += ["", "Reference: docs/agent.md (flag reference). Bad input: one line, exit 2; runtime failure: exit 1."]
+    return "\n".join(lines)

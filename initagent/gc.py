@@ -4,6 +4,11 @@ Liveness is the pod cgroup id (the inode of its cgroup v2 dir): the kubelet remo
 the pod goes. The walk covers the host's whole cgroup v2 tree, so agents with different mount views of
 it agree. Also removes half-made pin dirs of killed setups and registry entries of setups that died
 before committing.
+
+A wrong walk would make every pod look dead and remove its capture, so: the root must be the root of a
+cgroup v2 hierarchy (cgroup.tree_root; a walk error or a truncated walk is an error), and when the walk
+finds none of the registered pods' cgroups, gc trusts it only for pods the kernel itself reports
+released (attach.cgroup_released), keeps the others and says so (report["refused"]).
 """
 from __future__ import annotations
 
@@ -29,9 +34,27 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _registered_cgroups(bpffs: str) -> set[int]:
+    ids = set()
+    for directory in loader.builds(bpffs):
+        with loader.Build(directory, []) as build:
+            reg = build.map_fd("pod_registry")
+            for key in bpfsys.map_keys(reg, 4):
+                raw = bpfsys.map_lookup(reg, key, podconfig.POD_INFO.size)
+                if raw:
+                    ids.add(podconfig.unpack_pod_info(raw)["cgroup_id"])
+    return ids
+
+
 def collect(bpffs: str, cgroup2_root: str | None = None) -> dict:
-    alive = cgroup.alive_ids(Path(cgroup2_root) if cgroup2_root else None)
+    loader.builds(bpffs, must_exist=True)
+    root = cgroup.tree_root(cgroup2_root)
+    alive = cgroup.alive_ids(root)
     report = {"pods_removed": 0, "entries_removed": 0, "dirs_removed": 0, "pods_kept": 0}
+    registered = _registered_cgroups(bpffs)
+    # the walk saw none of them: a wrong tree (or every pod gone); only the kernel's word removes a pod
+    distrust_walk = bool(registered) and not (registered & alive)
+    unconfirmed = 0
     live_cookies: set[int] = set()
     for directory in loader.builds(bpffs):
         build = loader.Build(directory, [p for p in loader.PROGRAMS if (directory / "progs" / p.name).exists()])
@@ -49,6 +72,9 @@ def collect(bpffs: str, cgroup2_root: str | None = None) -> dict:
                     continue
                 info = podconfig.unpack_pod_info(raw)
                 dead = info["cgroup_id"] not in alive
+                if dead and distrust_walk and not attach.cgroup_released(build, bpffs, info["netns_cookie"]):
+                    dead = False
+                    unconfirmed += 1
                 orphan = idx not in committed_idx and not _pid_alive(info["setup_pid"])
                 if dead or orphan:
                     report["entries_removed"] += attach.remove_pod(build, bpffs, info["netns_cookie"], idx)
@@ -61,6 +87,11 @@ def collect(bpffs: str, cgroup2_root: str | None = None) -> dict:
                 if bpfsys.map_lookup(reg, podconfig.U32.pack(idx), podconfig.POD_INFO.size) is None:
                     bpfsys.map_delete(build.map_fd("pod_by_netns"), podconfig.U64.pack(cookie))
                     report["entries_removed"] += attach.delete_pod_entries(build, idx)
+    if unconfirmed:
+        report["refused"] = (f"the walk of {root} found none of the {len(registered)} registered pods' cgroups "
+                             f"(wrong --cgroup2-root?): kept {unconfirmed} pods the kernel still shows "
+                             f"attached, removed only the {report['pods_removed']} it reports released or "
+                             "never committed")
     # program generations of older agent versions, once no pod uses them any more
     try:
         current = loader.build_hash(loader.expand_source(parts=loader.parts_from_env()))

@@ -272,7 +272,11 @@ def load(bpffs: str | Path, headers_dir: str = "", parts: tuple[str, ...] | None
     return Build(directory, programs)
 
 
-def builds(bpffs: str | Path) -> list[Path]:
+def builds(bpffs: str | Path, must_exist: bool = False) -> list[Path]:
+    """Complete builds pinned under bpffs. must_exist: a missing bpffs directory is an error (LoadError),
+    not "no builds" (a typo in --bpffs must not read as "this pod is not configured")."""
+    if must_exist and not Path(bpffs).is_dir():
+        raise LoadError(f"bpffs {bpffs} does not exist (mount it: mount -t bpf bpf {bpffs})")
     root = Path(bpffs) / "bpfinit"
     if not root.is_dir():
         return []

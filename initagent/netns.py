@@ -21,7 +21,10 @@ class NetnsError(RuntimeError):
 
 def enter(path: str) -> None:
     """setns(2) this process into the netns at `path` (call before any thread starts)."""
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        raise NetnsError(f"cannot open netns {path}: {err.strerror}") from None
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from initagent import identity, obsmaps
+from initagent.cliparse import OneLineParser
 from initagent.obsmaps import BpfError, FlowEvent
 
 DEFAULT_BPFFS = "/sys/fs/bpf"
@@ -505,8 +506,8 @@ class Observer:
 
 # ---------------------------------------------------------------- CLI
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="bpfinit-agent observe",
-                                          description="Stream bpfinit's capture decisions on this node.")
+    p = parser or OneLineParser(prog="bpfinit-agent observe",
+                                description="Stream bpfinit's capture decisions on this node.")
     p.add_argument("--bpffs", default=os.environ.get("BPFINIT_BPFFS", DEFAULT_BPFFS))
     p.add_argument("--namespace", action="append", default=[], help="either end in this namespace")
     p.add_argument("--pod", action="append", default=[], help="either end is this pod (NAME or NS/NAME)")

@@ -9,7 +9,7 @@ def pod_status(bpffs: str, netns_path: str = "") -> dict:
         netns.enter(netns_path)
     cookie = netns.cookie()
     report: dict = {"netns_cookie": cookie, "configured": False, "builds": []}
-    for directory in loader.builds(bpffs):
+    for directory in loader.builds(bpffs, must_exist=True):
         report["builds"].append(directory.name)
         build = loader.Build(directory, [p for p in loader.PROGRAMS if (directory / "progs" / p.name).exists()])
         with build:

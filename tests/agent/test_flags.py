@@ -223,3 +223,44 @@ def test_durations_and_to_dict():
     assert parse_go_duration("1m30s") == 90 and parse_go_duration("250ms") == 0.25 and parse_go_duration("0") == 0
     d = parse(["-i", "10.0.0.0/8", "--egress-allow", "10.0.0.0/8:1"], {}).to_dict()
     assert d["outbound_include_cidrs"] == ["10.0.0.0/8"] and d["egress_allow"] == ["10.0.0.0/8:1"]
+
+
+def test_invalid_typed_env_is_ignored_with_warning():
+    """istio's BindEnv does `_ = fs.Set(name, env)`: an env value the uint16/duration flag rejects is
+    dropped and the default stays (audit: IPTABLES_PROBE_PORT=abc used to abort setup)."""
+    for env, field, default in (({"IPTABLES_PROBE_PORT": "abc"}, "probe_port", 15002),
+                                ({"IPTABLES_PROBE_PORT": "70000"}, "probe_port", 15002),
+                                ({"IPTABLES_PROBE_PORT": "-1"}, "probe_port", 15002),
+                                ({"PROBE_TIMEOUT": "abc"}, "probe_timeout_s", 5.0),
+                                ({"PROBE_TIMEOUT": "5"}, "probe_timeout_s", 5.0)):
+        cfg = parse([], env)
+        (name, value), = env.items()
+        assert getattr(cfg, field) == default, env
+        assert len(cfg.warnings) == 1 and name in cfg.warnings[0] and "\n" not in cfg.warnings[0], cfg.warnings
+    # valid env values apply, with Go's syntax (ParseUint base 0, ParseDuration)
+    assert parse([], {"IPTABLES_PROBE_PORT": "16002"}).probe_port == 16002
+    assert parse([], {"IPTABLES_PROBE_PORT": "0x3a9a"}).probe_port == 0x3a9a
+    assert parse([], {"PROBE_TIMEOUT": "1m30s"}).probe_timeout_s == 90.0
+    # a rejected env value does not hide a good CLI value, and the CLI still wins over a good env one
+    assert parse(["--iptables-probe-port", "1"], {"IPTABLES_PROBE_PORT": "abc"}).probe_port == 1
+    assert parse(["--probe-timeout=2s"], {"PROBE_TIMEOUT": "9s"}).probe_timeout_s == 2.0
+
+
+@pytest.mark.parametrize("argv", [["--iptables-probe-port", "abc"], ["--iptables-probe-port=70000"],
+                                  ["--probe-timeout", "abc"], ["--probe-timeout=5"]])
+def test_invalid_typed_cli_value_is_an_error(argv):
+    with pytest.raises(FlagError) as err:
+        parse(argv, {})
+    assert "\n" not in str(err.value) and argv[0].split("=")[0] in str(err.value)
+
+
+def test_help_is_not_an_unknown_flag():
+    from initagent.flags import HelpRequested, usage
+    for argv in (["--help"], ["-h"], ["-i", "*", "--help"]):
+        with pytest.raises(HelpRequested):
+            parse(argv, {})
+    with pytest.raises(FlagError) as err:   # a flag's value is not help: "-h" is a bad CIDR here
+        parse(["-x", "-h"], {})
+    assert not isinstance(err.value, HelpRequested) and "CIDR" in str(err.value)
+    text = usage()
+    assert "--network-namespace" in text and "NETWORK_NAMESPACE" in text and "--egress-allow" in text
