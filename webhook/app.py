@@ -28,9 +28,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from webhook import admission, logs, metrics
 from webhook.admission import Decision, EnvelopeError
 from webhook.certs import certificate_status
-from webhook.mutate import MutationSettings, mutate
-
-DEFAULT_AGENT_IMAGE = "ghcr.io/bpfinit/bpfinit:0.1.0"
+from webhook.mutate import DEFAULT_AGENT_IMAGE, MutationSettings, mutate, trusted_agent_images
 # Beyond this an oversized upload is cut off (connection closed) rather than drained.
 DRAIN_LIMIT_BYTES = 4 * admission.MAX_BODY_BYTES
 INTERNAL_ERROR = "internal-error"
@@ -65,12 +63,19 @@ def internal_error_decision(webhook: str, uid: str, error: BaseException) -> Dec
 @dataclass(frozen=True)
 class WebhookSettings:
     agent_image: str = DEFAULT_AGENT_IMAGE
+    # more images a container running bpfinit-agent may carry (rolling upgrade: the previous agent image);
+    # agent_image is always accepted, so the default accepts exactly the configured one
+    accepted_agent_images: tuple[str, ...] = ()
     cert_dir: str | None = None      # /readyz and the expiry gauge check the certificates here when set
     own_namespace: str = "bpfinit-system"   # where the webhook runs (`serve --namespace`)
 
     @property
     def protected_namespaces(self) -> frozenset[str]:
         return admission.protected_namespaces(self.own_namespace)
+
+    @property
+    def trusted_agent_images(self) -> tuple[str, ...]:
+        return trusted_agent_images(self.agent_image, self.accepted_agent_images)
 
 
 def _json_response(body: Any, status: int = 200) -> Response:
@@ -166,7 +171,8 @@ def _decision_word(decision: Any, outcome: str | None = None) -> str:
 
 def create_app(settings: WebhookSettings | None = None, policy_store: Any = None) -> Flask:
     settings = settings or WebhookSettings()
-    mutation_settings = MutationSettings(agent_image=settings.agent_image)
+    mutation_settings = MutationSettings(agent_image=settings.agent_image,
+                                         accepted_agent_images=tuple(settings.accepted_agent_images))
     validate_review = _load_validator() or _allow_all
     log = logs.get_logger()
 
