@@ -9,7 +9,8 @@ Extension points for the policy engineer (one function each, no transport work):
 - /validate calls `webhook.validate.validate_review(request, policy_store)` where
   `request` is the AdmissionReview's `request` dict; it returns an object with
   `allowed, code, message, warnings, metric_labels` (e.g. webhook.admission.Decision).
-  Until `webhook/validate.py` exists, /validate allows everything.
+  Until `webhook/validate.py` exists, /validate allows everything. It is also given
+  `agent_images=` (the agent images this webhook accepts, see WebhookSettings).
 - /mutate asks `policy_store.egress_allow_for(pod, namespace) -> list[str] | None`
   when the store has that method, and passes the list to `mutate()`.
 """
@@ -90,7 +91,7 @@ def _load_validator() -> Callable[[dict, Any], Any] | None:
     return importlib.import_module("webhook.validate").validate_review
 
 
-def _allow_all(_request: dict, _store: Any) -> Decision:
+def _allow_all(_request: dict, _store: Any, **_options: Any) -> Decision:
     return Decision(allowed=True, metric_labels={"outcome": "no-policy"})
 
 
@@ -173,6 +174,7 @@ def create_app(settings: WebhookSettings | None = None, policy_store: Any = None
     settings = settings or WebhookSettings()
     mutation_settings = MutationSettings(agent_image=settings.agent_image,
                                          accepted_agent_images=tuple(settings.accepted_agent_images))
+    agent_images = settings.trusted_agent_images
     validate_review = _load_validator() or _allow_all
     log = logs.get_logger()
 
@@ -240,7 +242,7 @@ def create_app(settings: WebhookSettings | None = None, policy_store: Any = None
             # Defence in depth: the control plane and our own pods must start even if the validator's
             # namespaceSelector was edited, or our fail-closed validator could lock itself out.
             return Decision(allowed=True), "protectedNamespace"
-        decision = validate_review(review_request, policy_store)
+        decision = validate_review(review_request, policy_store, agent_images=agent_images)
         labels = getattr(decision, "metric_labels", None) or {}
         # A validating answer must never carry a patch (VerifyAdmissionResponse).
         plain = Decision(allowed=bool(decision.allowed), code=getattr(decision, "code", None),
