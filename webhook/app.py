@@ -9,7 +9,8 @@ Extension points for the policy engineer (one function each, no transport work):
 - /validate calls `webhook.validate.validate_review(request, policy_store)` where
   `request` is the AdmissionReview's `request` dict; it returns an object with
   `allowed, code, message, warnings, metric_labels` (e.g. webhook.admission.Decision).
-  Until `webhook/validate.py` exists, /validate allows everything.
+  Until `webhook/validate.py` exists, /validate allows everything. It is also given
+  `agent_images=` (the agent images this webhook accepts, see WebhookSettings).
 - /mutate asks `policy_store.egress_allow_for(pod, namespace) -> list[str] | None`
   when the store has that method, and passes the list to `mutate()`.
 """
@@ -28,9 +29,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from webhook import admission, logs, metrics
 from webhook.admission import Decision, EnvelopeError
 from webhook.certs import certificate_status
-from webhook.mutate import MutationSettings, mutate
-
-DEFAULT_AGENT_IMAGE = "ghcr.io/bpfinit/bpfinit:0.1.0"
+from webhook.mutate import DEFAULT_AGENT_IMAGE, MutationSettings, mutate, trusted_agent_images
 # Beyond this an oversized upload is cut off (connection closed) rather than drained.
 DRAIN_LIMIT_BYTES = 4 * admission.MAX_BODY_BYTES
 INTERNAL_ERROR = "internal-error"
@@ -65,12 +64,19 @@ def internal_error_decision(webhook: str, uid: str, error: BaseException) -> Dec
 @dataclass(frozen=True)
 class WebhookSettings:
     agent_image: str = DEFAULT_AGENT_IMAGE
+    # more images a container running bpfinit-agent may carry (rolling upgrade: the previous agent image);
+    # agent_image is always accepted, so the default accepts exactly the configured one
+    accepted_agent_images: tuple[str, ...] = ()
     cert_dir: str | None = None      # /readyz and the expiry gauge check the certificates here when set
     own_namespace: str = "bpfinit-system"   # where the webhook runs (`serve --namespace`)
 
     @property
     def protected_namespaces(self) -> frozenset[str]:
         return admission.protected_namespaces(self.own_namespace)
+
+    @property
+    def trusted_agent_images(self) -> tuple[str, ...]:
+        return trusted_agent_images(self.agent_image, self.accepted_agent_images)
 
 
 def _json_response(body: Any, status: int = 200) -> Response:
@@ -85,7 +91,7 @@ def _load_validator() -> Callable[[dict, Any], Any] | None:
     return importlib.import_module("webhook.validate").validate_review
 
 
-def _allow_all(_request: dict, _store: Any) -> Decision:
+def _allow_all(_request: dict, _store: Any, **_options: Any) -> Decision:
     return Decision(allowed=True, metric_labels={"outcome": "no-policy"})
 
 
@@ -166,7 +172,9 @@ def _decision_word(decision: Any, outcome: str | None = None) -> str:
 
 def create_app(settings: WebhookSettings | None = None, policy_store: Any = None) -> Flask:
     settings = settings or WebhookSettings()
-    mutation_settings = MutationSettings(agent_image=settings.agent_image)
+    mutation_settings = MutationSettings(agent_image=settings.agent_image,
+                                         accepted_agent_images=tuple(settings.accepted_agent_images))
+    agent_images = settings.trusted_agent_images
     validate_review = _load_validator() or _allow_all
     log = logs.get_logger()
 
@@ -234,7 +242,7 @@ def create_app(settings: WebhookSettings | None = None, policy_store: Any = None
             # Defence in depth: the control plane and our own pods must start even if the validator's
             # namespaceSelector was edited, or our fail-closed validator could lock itself out.
             return Decision(allowed=True), "protectedNamespace"
-        decision = validate_review(review_request, policy_store)
+        decision = validate_review(review_request, policy_store, agent_images=agent_images)
         labels = getattr(decision, "metric_labels", None) or {}
         # A validating answer must never carry a patch (VerifyAdmissionResponse).
         plain = Decision(allowed=bool(decision.allowed), code=getattr(decision, "code", None),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
@@ -16,7 +17,8 @@ from typing import Iterable, Optional
 import yaml
 
 from webhook.policy import PolicyError, PolicySet, PolicyStore, load_policy_file
-from webhook.validate import TEMPLATE_PATHS, ObjectError, evaluate
+from webhook.mutate import DEFAULT_AGENT_IMAGE, trusted_agent_images
+from webhook.validate import DEFAULT_AGENT_IMAGES, TEMPLATE_PATHS, ObjectError, evaluate
 
 # (kind, kubernetes client API class, method for all namespaces, method for one namespace)
 CLUSTER_LISTS = [
@@ -101,7 +103,8 @@ def objects_from_cluster(api_client, namespace: Optional[str] = None) -> list[di
     return objects
 
 
-def audit(objects: Iterable[dict], policy_set: PolicySet) -> Report:
+def audit(objects: Iterable[dict], policy_set: PolicySet, agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES) -> Report:
+    agent_images = tuple(agent_images)
     checked, violations, errors = 0, [], []
     for obj in objects:
         if not isinstance(obj, dict) or obj.get("kind") not in TEMPLATE_PATHS:
@@ -109,7 +112,7 @@ def audit(objects: Iterable[dict], policy_set: PolicySet) -> Report:
         meta = obj.get("metadata") or {}
         where = f"{meta.get('namespace', 'default')}/{obj.get('kind')}/{meta.get('name', '?')}"
         try:
-            evaluation = evaluate(obj, meta.get("namespace") or "default", policy_set)
+            evaluation = evaluate(obj, meta.get("namespace") or "default", policy_set, None, agent_images)
         except ObjectError as err:
             errors.append(f"{where}: {err}")
             continue
@@ -174,7 +177,6 @@ def _api_client(args):
 
 
 def _in_cluster() -> bool:
-    import os
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
@@ -198,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.input and args.namespace:
         objects = [o for o in objects if ((o.get("metadata") or {}).get("namespace") or "default") == args.namespace]
-    report = audit(objects, policy_set)
+    from webhook.cli import split_images
+    report = audit(objects, policy_set, trusted_agent_images(args.agent_image, split_images(args.accepted_agent_images)))
     print(render_json(report) if args.output == "json" else render_text(report))
     if report.errors:
         return 2
@@ -220,4 +223,10 @@ def register(subparsers) -> None:
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    # the same trust as the server's: a container running bpfinit-agent with another image is reported
+    parser.add_argument("--agent-image", default=os.environ.get("BPFINIT_AGENT_IMAGE", DEFAULT_AGENT_IMAGE),
+                        help="the webhook's --agent-image (env BPFINIT_AGENT_IMAGE; default %(default)s)")
+    parser.add_argument("--accepted-agent-images", metavar="IMG[,IMG...]", action="append",
+                        default=[os.environ.get("BPFINIT_ACCEPTED_AGENT_IMAGES", "")],
+                        help="the webhook's --accepted-agent-images (env BPFINIT_ACCEPTED_AGENT_IMAGES)")
     parser.set_defaults(func=run)

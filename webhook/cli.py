@@ -45,9 +45,20 @@ def _port(text: str) -> int:
     return value
 
 
+def split_images(values: list[str]) -> tuple[str, ...]:
+    """`--accepted-agent-images` values (each comma-separated) as one list, blanks and repeats dropped."""
+    out: list[str] = []
+    for value in values or []:
+        for image in (value or "").split(","):
+            image = image.strip()
+            if image and image not in out:
+                out.append(image)
+    return tuple(out)
+
+
 def _add_serve(subparsers) -> None:
     from webhook import policy
-    from webhook.app import DEFAULT_AGENT_IMAGE
+    from webhook.mutate import DEFAULT_AGENT_IMAGE
 
     serve = subparsers.add_parser(
         "serve", help="run the admission webhook server (HTTPS)",
@@ -63,6 +74,12 @@ def _add_serve(subparsers) -> None:
     serve.add_argument("--agent-image", default=_env("BPFINIT_AGENT_IMAGE", DEFAULT_AGENT_IMAGE),
                        help="image of the bpfinit agent put in place of istio-init "
                             "(env BPFINIT_AGENT_IMAGE; default %(default)s)")
+    serve.add_argument("--accepted-agent-images", metavar="IMG[,IMG...]", action="append",
+                       default=[_env("BPFINIT_ACCEPTED_AGENT_IMAGES", "")],
+                       help="more images a container running bpfinit-agent may carry and still count as the "
+                            "webhook's own, e.g. the previous --agent-image during a rolling upgrade; comma-"
+                            "separated, repeatable; --agent-image is always accepted, any other image running "
+                            "bpfinit-agent is refused (env BPFINIT_ACCEPTED_AGENT_IMAGES; default: none)")
     serve.add_argument("--service-name", default=_env("BPFINIT_WEBHOOK_SERVICE", DEFAULT_SERVICE),
                        help="Service name for the certificate SANs (default %(default)s)")
     serve.add_argument("--namespace", default=_env("BPFINIT_WEBHOOK_NAMESPACE", DEFAULT_NAMESPACE),
@@ -103,7 +120,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     print(f"bpfinit-webhook: serving https://{args.host}:{args.port} with {paths.tls_cert} "
           f"(CA bundle: {paths.ca_cert})", file=sys.stderr)
     options = ServerOptions(host=args.host, port=args.port, cert_dir=str(paths.directory),
-                            agent_image=args.agent_image, namespace=args.namespace, workers=args.workers,
+                            agent_image=args.agent_image,
+                            accepted_agent_images=split_images(args.accepted_agent_images),
+                            namespace=args.namespace, workers=args.workers,
                             threads=args.threads,
                             metrics_dir=args.metrics_dir, log_level=args.log_level, access_log=args.access_log)
     try:

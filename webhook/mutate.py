@@ -10,8 +10,10 @@ Decisions (docs/webhook.md explains them to users):
 - the agent takes istio-init's slot and KEEPS the name `istio-init`: istio-cni
   skips pods with a container of that name, and `sidecar.istio.io/status`
   (which lists `istio-init`) stays true;
-- the swapped container is recognised by its command `[bpfinit-agent, setup]`,
-  so a second pass (reinvocation) yields no patch;
+- the swapped container is recognised by its command `[bpfinit-agent, setup]`
+  AND an accepted agent image (`--agent-image` + `--accepted-agent-images`), so a
+  second pass (reinvocation) yields no patch; an init container running
+  bpfinit-agent with any other image is not ours and the pod is refused;
 - istio-init's args (without the leading `istio-iptables` word) and env are
   carried over, so the agent sees exactly the capture settings Istio rendered.
 """
@@ -31,6 +33,10 @@ ISTIO_INIT = "istio-init"
 ISTIO_VALIDATION = "istio-validation"
 ISTIO_IPTABLES = "istio-iptables"
 AGENT_COMMAND = ["bpfinit-agent", "setup"]
+AGENT_BINARY = "bpfinit-agent"
+DEFAULT_AGENT_IMAGE = "ghcr.io/bpfinit/bpfinit:0.1.0"
+# Exactly what the swapped container is granted (docs/webhook.md); the validator exempts no more than this.
+AGENT_CAPABILITIES = ("BPF", "NET_ADMIN", "PERFMON")
 MIRROR_POD_ANNOTATION = "kubernetes.io/config.mirror"
 STATUS_VERSION = 1
 
@@ -84,6 +90,50 @@ KEPT_SECURITY_FIELDS = ("seccompProfile", "seLinuxOptions", "appArmorProfile", "
 @dataclass(frozen=True)
 class MutationSettings:
     agent_image: str
+    # Other images a container running bpfinit-agent may carry and still be ours (e.g. the previous
+    # webhook version's during a rolling upgrade). `agent_image` is always accepted.
+    accepted_agent_images: tuple[str, ...] = ()
+
+    @property
+    def trusted_agent_images(self) -> tuple[str, ...]:
+        return trusted_agent_images(self.agent_image, self.accepted_agent_images)
+
+
+def trusted_agent_images(agent_image: str, accepted: Sequence[str] = ()) -> tuple[str, ...]:
+    """The configured agent image first, then the accepted ones, without duplicates or blanks."""
+    out: list[str] = []
+    for image in (agent_image, *accepted):
+        image = (image or "").strip()
+        if image and image not in out:
+            out.append(image)
+    return tuple(out)
+
+
+def runs_agent(container: Any) -> bool:
+    """Does this container run bpfinit-agent (by its command, any path)?"""
+    command = container.get("command") if isinstance(container, dict) else None
+    return (isinstance(command, list) and bool(command) and isinstance(command[0], str)
+            and command[0].rsplit("/", 1)[-1] == AGENT_BINARY)
+
+
+def untrusted_agent_containers(pod_spec: dict, trusted: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, image) of every init container that runs bpfinit-agent with an image not in `trusted`:
+    only the webhook puts the agent in place, so such a container is not ours whatever its name."""
+    out = []
+    for index, container in enumerate(_as_list(pod_spec.get("initContainers"))):
+        if runs_agent(container):
+            image = container.get("image")
+            if not isinstance(image, str) or image not in trusted:
+                out.append((str(container.get("name", f"#{index}")), image if isinstance(image, str) else ""))
+    return out
+
+
+def describe_untrusted_agent(name: str, image: str, trusted: Sequence[str]) -> str:
+    shown = f'"{image}"' if image else "(no image)"
+    return (f'init container "{name}" runs bpfinit-agent with image {shown}, which is not an accepted bpfinit '
+            f"agent image [{', '.join(trusted)}]: only the bpfinit webhook puts the agent in place, so this "
+            "container is not ours and its privileges are not granted (accepted images: --agent-image and "
+            "--accepted-agent-images)")
 
 
 @dataclass(frozen=True)
@@ -161,7 +211,7 @@ def _agent_security_context(old: dict) -> dict:
     context = {
         "allowPrivilegeEscalation": False,
         "privileged": False,
-        "capabilities": {"add": ["BPF", "NET_ADMIN", "PERFMON"], "drop": ["ALL"]},
+        "capabilities": {"add": list(AGENT_CAPABILITIES), "drop": ["ALL"]},
         "readOnlyRootFilesystem": False,
         "runAsGroup": 0,
         "runAsNonRoot": False,
@@ -290,6 +340,12 @@ def mutate(pod: dict, settings: MutationSettings, egress_allow: Sequence[str] | 
     if spec.get("hostNetwork") is True:
         return MutationResult("host-network")      # Istio never injects these
     init_containers = _as_list(spec.get("initContainers"))
+    # A hand-written "agent" (bpfinit-agent with someone else's image) must not pass as already swapped.
+    trusted = settings.trusted_agent_images
+    forged = untrusted_agent_containers(spec, trusted)
+    if forged:
+        return MutationResult("untrusted-agent-image",
+                              denial="; ".join(describe_untrusted_agent(n, i, trusted) for n, i in forged))
     index = _find_container(init_containers, ISTIO_INIT)
     if index is None:
         if _find_container(init_containers, ISTIO_VALIDATION) is not None:

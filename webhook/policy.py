@@ -46,7 +46,11 @@ VECTORS: dict[str, str] = {
     "hostNetwork": "hostNetwork: true, the pod is outside any capture",
     "istioInit": "the pod keeps iptables istio-init: bypassed traffic is not confined by the kernel guard",
     "captureDisabled": "the init container is told to program nothing (skip-rule-apply, dry-run, cleanup-only)",
+    "untrustedCaptureImage": "an init container runs bpfinit-agent with an image the webhook does not accept as its "
+                             "agent (not --agent-image / --accepted-agent-images): not ours, whatever its name",
 }
+# Vectors "*" does not include: a policy allows them only by naming them.
+EXPLICIT_ONLY_VECTORS = frozenset({"untrustedCaptureImage"})
 
 DEFAULT_POLICY_NAMESPACE = "bpfinit-system"
 
@@ -346,7 +350,9 @@ def parse_policy_object(obj: Any, settings: Settings, source: str = "", index: O
     for i, vector in enumerate(vectors):
         if vector != "*" and vector not in VECTORS:
             _fail(where, f"spec.allowedVectors[{i}]", f"unknown vector {vector!r} (known: *, {', '.join(VECTORS)})")
-    allowed_vectors = frozenset(VECTORS) if "*" in vectors else frozenset(vectors)
+    allowed_vectors = frozenset(vectors) - {"*"}
+    if "*" in vectors:  # every vector except those that must be named
+        allowed_vectors |= frozenset(VECTORS) - EXPLICIT_ONLY_VECTORS
     return Policy(namespace, name, selector, mode, namespaces, tuple(allowed), allowed_vectors, False,
                   description, source)
 

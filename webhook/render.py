@@ -74,6 +74,7 @@ class RenderOptions:
     extra_excluded_namespaces: tuple[str, ...] = ()
     exporter: bool = True
     agent_image: str | None = None         # image for the swapped init container; defaults to `image`
+    accepted_agent_images: tuple[str, ...] = ()   # more agent images the webhook accepts (rolling upgrades)
     log_level: str = "info"
     extra_labels: dict = field(default_factory=dict)
 
@@ -89,7 +90,9 @@ def check_options(opts: RenderOptions) -> None:
     for ns in opts.extra_excluded_namespaces:
         if not _DNS1123_LABEL.match(ns):
             raise RenderError(f"--exclude-namespace {ns!r} is not a valid namespace name (RFC 1123 label)")
-    for flag, image in (("--image", opts.image), ("--agent-image", opts.agent_image)):
+    images = [("--image", opts.image), ("--agent-image", opts.agent_image)]
+    images += [("--accepted-agent-image", image) for image in opts.accepted_agent_images]
+    for flag, image in images:
         if image is not None and (not _IMAGE_REF.match(image) or image.endswith((":", "@"))):
             raise RenderError(f"{flag} {image!r} is not an image reference (e.g. registry/bpfinit:0.1.0)")
     if opts.certs not in CERT_MODES:
@@ -241,6 +244,9 @@ def _webhook_container(opts: RenderOptions) -> dict:
         "env": [
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "BPFINIT_AGENT_IMAGE", "value": opts.agent_image or opts.image},
+            # only when asked for: the agent image above is always accepted (docs/webhook.md "Agent image trust")
+            *([{"name": "BPFINIT_ACCEPTED_AGENT_IMAGES", "value": ",".join(opts.accepted_agent_images)}]
+              if opts.accepted_agent_images else []),
             # gunicorn workers share metrics through files; the root filesystem is read-only.
             {"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/metrics"},
             {"name": "HOME", "value": "/tmp"},
@@ -646,6 +652,9 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Render bpfinit's Kubernetes manifests as one YAML stream.")
     p.add_argument("--image", default=DEFAULT_IMAGE, help="bpfinit image (webhook, certs, exporter)")
     p.add_argument("--agent-image", default=None, help="image for the swapped init container (default: --image)")
+    p.add_argument("--accepted-agent-image", action="append", default=[], dest="accepted_agent_images",
+                   help="another agent image the webhook accepts as its own, e.g. the previous --agent-image "
+                        "during an upgrade (repeatable; env BPFINIT_ACCEPTED_AGENT_IMAGES)")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     p.add_argument("--certs", choices=CERT_MODES, default="builtin",
                    help="builtin: the webhook makes its own CA; cert-manager: Certificate + cainjector")
@@ -678,7 +687,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote {path}", file=sys.stderr)
             return 0
         example_docs = load_example_docs() if args.sample_policy and not args.no_sample_policy else []
-        opts = RenderOptions(image=args.image, agent_image=args.agent_image, namespace=args.namespace,
+        opts = RenderOptions(image=args.image, agent_image=args.agent_image,
+                             accepted_agent_images=tuple(args.accepted_agent_images), namespace=args.namespace,
                              certs=args.certs, rollout=args.rollout, replicas=args.replicas,
                              extra_excluded_namespaces=tuple(args.exclude), exporter=not args.no_exporter,
                              log_level=args.log_level)

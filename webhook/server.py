@@ -47,6 +47,7 @@ class ServerOptions:
     port: int = 8443
     cert_dir: str = "run/certs"
     agent_image: str = ""
+    accepted_agent_images: tuple[str, ...] = ()   # besides agent_image (rolling upgrades)
     namespace: str = "bpfinit-system"   # the webhook's own namespace: its pods are never mutated/policed
     workers: int = 2
     threads: int = 16
@@ -136,7 +137,8 @@ class WebhookServer(BaseApplication):
 
         logs.configure(self.options.log_level)
         return create_app(WebhookSettings(agent_image=self.options.agent_image, cert_dir=self.options.cert_dir,
-                                          own_namespace=self.options.namespace),
+                                          own_namespace=self.options.namespace,
+                                          accepted_agent_images=tuple(self.options.accepted_agent_images)),
                           policy_store=self.policy_store)
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import yaml
 
 from initagent.flags import CaptureConfig, FlagError, parse, split_list
 from webhook.annotations import (INTERCEPTION_MODES, describe_interception_modes, injection_templates,
                                  proxy_config_interception_mode, sidecar_injection_disabled)
+from webhook.mutate import AGENT_CAPABILITIES, DEFAULT_AGENT_IMAGE, runs_agent
 from webhook.policy import Policy, PolicySet, Resolution, Settings
 
 ANN_EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
@@ -73,6 +74,29 @@ _FLAG_SOURCES = {
     "owner_groups_exclude": ("", "", ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",)),
 }
 _ADMIN_CAPS = {"NET_ADMIN", "SYS_ADMIN", "BPF", "ALL"}
+# without `agent_images`, only the default agent image is ours (the server passes its configured list)
+DEFAULT_AGENT_IMAGES = (DEFAULT_AGENT_IMAGE,)
+
+
+@dataclass(frozen=True)
+class _Grant:
+    """What Istio's template (istio-capture-contract.md §1.10) or bpfinit's mutation gives a capture
+    container; the container is exempt from the netAdmin / proxyIdentity checks for exactly this, no more."""
+
+    role: str                          # who grants it, for messages
+    caps: frozenset = frozenset()      # added capabilities that are expected
+    proxy_identity: bool = False       # may run as the proxy UID/GID (istio-proxy, istio-validation)
+    proxy_privileged: bool = False     # Istio renders `privileged` here under values.global.proxy.privileged
+
+
+_ISTIO_INIT_GRANT = _Grant("Istio's template grants istio-init", frozenset({"NET_ADMIN", "NET_RAW"}),
+                           proxy_privileged=True)
+_AGENT_GRANT = _Grant("bpfinit's mutation grants the agent", frozenset(AGENT_CAPABILITIES))
+_VALIDATION_GRANT = _Grant("Istio's template grants istio-validation", proxy_identity=True)
+_PROXY_GRANT = _Grant("Istio's template grants istio-proxy (NET_ADMIN only in TPROXY mode)",
+                      proxy_identity=True, proxy_privileged=True)
+_TPROXY_PROXY_GRANT = _Grant("Istio's template grants istio-proxy in TPROXY mode",
+                             frozenset({"NET_ADMIN", "NET_RAW"}), proxy_identity=True, proxy_privileged=True)
 
 
 class ObjectError(ValueError):
@@ -476,8 +500,15 @@ def _security(container: dict) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _show_grant(grant: _Grant) -> str:
+    caps = ", ".join(sorted(grant.caps)) if grant.caps else "no capabilities"
+    return f"{grant.role}: {caps}"
+
+
 def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], proxy_gids: set[int],
-                        skip: set[tuple[str, str]]) -> list[Finding]:
+                        grants: dict[tuple[str, str], _Grant]) -> list[Finding]:
+    """Who runs as the proxy, who may rewrite the network. Capture containers are exempt only for what
+    their `grants` entry says; everything beyond is reported like any other container's."""
     spec, out = target.spec, []
     pod_security = spec.get("securityContext") or {}
     if not isinstance(pod_security, dict):
@@ -485,11 +516,12 @@ def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], pr
     for list_name in ("initContainers", "containers", "ephemeralContainers"):
         for index, container in enumerate(spec.get(list_name) or []):
             name = container.get("name", f"#{index}")
-            if (list_name, name) in skip:
-                continue
+            grant = grants.get((list_name, name))
             path = f"{target.spec_path}.{list_name}[{index}].securityContext"
             security = _security(container)
             for key, ids, what in (("runAsUser", proxy_uids, "UID"), ("runAsGroup", proxy_gids, "GID")):
+                if grant is not None and grant.proxy_identity:
+                    break
                 value, where = security.get(key), f"{path}.{key}"
                 if value is None:
                     value, where = pod_security.get(key), f"{target.spec_path}.securityContext.{key}"
@@ -500,17 +532,42 @@ def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], pr
             capabilities = security.get("capabilities")
             caps = capabilities.get("add") if isinstance(capabilities, dict) else None
             caps = caps if isinstance(caps, list) else []
-            granted = sorted({c.upper().removeprefix("CAP_") for c in caps if isinstance(c, str)} & _ADMIN_CAPS)
+            added = {c.upper().removeprefix("CAP_") for c in caps if isinstance(c, str)}
+            granted = sorted((added & _ADMIN_CAPS) - (grant.caps if grant else set()))
             if security.get("privileged") is True:
-                granted.append("privileged")
+                if grant is not None and grant.proxy_privileged and security.get("allowPrivilegeEscalation") is True:
+                    # Istio's shape for values.global.proxy.privileged=true, but the mesh setting is not in
+                    # the pod: a hand-written container of this name looks exactly the same
+                    out.append(_unverifiable(
+                        f'container "{name}" privileged: true',
+                        "has the shape of Istio's values.global.proxy.privileged rendering, but the pod cannot "
+                        f"prove the mesh sets it (a hand-written {name} looks the same; {path})"))
+                else:
+                    granted.append("privileged")
             if granted:
-                out.append(_vector(policy, "netAdmin", f'container "{name}"', "+".join(granted),
-                                   f"can rewrite the pod's network and capture ({path})", (list_name, str(name))))
+                effect = f"can rewrite the pod's network and capture ({path})"
+                if grant is not None:
+                    effect = f"is more than {_show_grant(grant)}, and {effect}"
+                out.append(_vector(policy, "netAdmin", f'container "{name}"', "+".join(granted), effect,
+                                   (list_name, str(name))))
     return [f for f in out if f is not None]
 
 
-def pod_findings(target: Target, resolution: Resolution, settings: Settings) -> list[Finding]:
-    """Every bypass in the pod (template) that `resolution.policy` does not allow."""
+def _untrusted_agent_finding(policy: Policy, index: int, container: dict, spec_path: str,
+                             agent_images: tuple[str, ...]) -> Optional[Finding]:
+    name, image = container.get("name", f"#{index}"), container.get("image")
+    shown = f'"{image}"' if isinstance(image, str) and image else "(no image)"
+    return _vector(policy, "untrustedCaptureImage", f'init container "{name}"', f"image {shown}",
+                   f"runs bpfinit-agent but is not an accepted bpfinit agent image [{', '.join(agent_images)}]: "
+                   "only the bpfinit webhook puts the agent in place, so this container is not ours and gets "
+                   f"none of the agent's exemptions ({spec_path}.initContainers[{index}].image)",
+                   ("initContainers", str(name)))
+
+
+def pod_findings(target: Target, resolution: Resolution, settings: Settings,
+                 agent_images: tuple[str, ...] = DEFAULT_AGENT_IMAGES) -> list[Finding]:
+    """Every bypass in the pod (template) that `resolution.policy` does not allow. `agent_images`: the
+    images a container running bpfinit-agent must carry to be the webhook's own."""
     policy = resolution.policy
     meta, spec = target.meta, target.spec
     annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
@@ -556,33 +613,42 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings) -> 
     annotation_cap = _annotation_capture(annotations, proxy_config, proxy_uid or 1337, findings)
     if annotation_cap:
         caps.append(annotation_cap)
-    skip = {("containers", "istio-proxy"), ("initContainers", "istio-proxy")}
+    grants: dict[tuple[str, str], _Grant] = {}
     iptables_init = False
     agent_cap = None
-    for container in init_containers:
+    for index, container in enumerate(init_containers):
         name = container.get("name")
         command = container.get("command") or []
+        if runs_agent(container) and container.get("image") not in agent_images:
+            # not ours, whatever its name: no agent role, no exemption, its args are not our capture
+            findings.append(_untrusted_agent_finding(policy, index, container, target.spec_path, agent_images))
+            continue
         if name in ("istio-init", "istio-validation") and not (
                 isinstance(command, list) and all(isinstance(c, str) for c in command)):
             findings.append(_unverifiable(f"{name} command", "is not a list of strings"))
             continue
         if name == "istio-validation":
             cap = _container_capture(container, name, findings, is_validation=True)
-            skip.add(("initContainers", name))
+            grants[("initContainers", name)] = _VALIDATION_GRANT
         elif name == "istio-init" and command == AGENT_COMMAND:
             cap = agent_cap = _container_capture(container, name, findings, is_agent=True)
-            skip.add(("initContainers", name))
+            grants[("initContainers", name)] = _AGENT_GRANT
         elif name == "istio-init":
-            if command and not str(command[0]).endswith("pilot-agent"):
+            # Istio's istio-init runs the image's entrypoint or pilot-agent itself, nothing else
+            if command and command[0].rsplit("/", 1)[-1] != "pilot-agent":
                 findings.append(_unverifiable("istio-init command", f"{' '.join(map(str, command))!r} is not Istio's"))
                 continue
             cap = _container_capture(container, name, findings)
-            skip.add(("initContainers", name))
+            grants[("initContainers", name)] = _ISTIO_INIT_GRANT
             iptables_init = True
         else:
             continue
         if cap:
             caps.append(cap)
+    # istio-proxy gets NET_ADMIN from Istio's template only when the inbound interception mode is TPROXY
+    tproxy = mode == "TPROXY" or any(c.cfg.interception_mode == "TPROXY" for c in caps if c is not annotation_cap)
+    proxy_grant = _TPROXY_PROXY_GRANT if tproxy else _PROXY_GRANT
+    grants[("containers", "istio-proxy")] = grants[("initContainers", "istio-proxy")] = proxy_grant
     for cap in caps:
         findings.extend(_capture_findings(cap, policy, settings))
 
@@ -592,7 +658,7 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings) -> 
     for key, ids in (("runAsUser", proxy_uids), ("runAsGroup", proxy_gids)):
         if isinstance(proxy_security.get(key), int) and proxy_security[key] != 0:
             ids.add(proxy_security[key])
-    findings.extend(_container_findings(target, policy, proxy_uids, proxy_gids, skip))
+    findings.extend(_container_findings(target, policy, proxy_uids, proxy_gids, grants))
 
     # --- the kernel guard: present and no wider than the policy, or the bypass must not need it
     if agent_cap is not None:
@@ -619,7 +685,8 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings) -> 
 # ----------------------------------------------------------------------------------------------------
 # decisions
 # ----------------------------------------------------------------------------------------------------
-def evaluate(obj: Any, namespace: str, policy_set: PolicySet, kind: Optional[str] = None) -> Optional[Evaluation]:
+def evaluate(obj: Any, namespace: str, policy_set: PolicySet, kind: Optional[str] = None,
+             agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES) -> Optional[Evaluation]:
     """Findings for one object under the current policy (None: not a pod or workload)."""
     target = extract_target(obj, namespace, kind)
     if target is None:
@@ -628,7 +695,8 @@ def evaluate(obj: Any, namespace: str, policy_set: PolicySet, kind: Optional[str
     resolution = policy_set.resolve(target.namespace, labels)
     if resolution.policy is None:
         return Evaluation(target, resolution, [])
-    return Evaluation(target, resolution, pod_findings(target, resolution, policy_set.settings))
+    return Evaluation(target, resolution, pod_findings(target, resolution, policy_set.settings,
+                                                       tuple(agent_images)))
 
 
 def _warnings(findings: list[Finding], ref: str, mode: str, prefix: str = "") -> list[str]:
@@ -646,9 +714,11 @@ def _labels(ref: str, mode: str, reason: str) -> dict:
     return {"policy": ref, "mode": mode, "reason": reason}
 
 
-def validate_review(request: Any, policy_store) -> Decision:
+def validate_review(request: Any, policy_store, agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES) -> Decision:
     """AdmissionReview.request -> Decision. Denials are allowed=False, code 403; a malformed request
-    is allowed=False, code 400 with the field named; nothing here raises."""
+    is allowed=False, code 400 with the field named; nothing here raises. `agent_images`: the images
+    the webhook's own agent may carry (its --agent-image and --accepted-agent-images)."""
+    agent_images = tuple(agent_images)
     policy_set = policy_store.current() if hasattr(policy_store, "current") else (policy_store or PolicySet())
     if not isinstance(request, dict):
         return Decision(False, 400, "request is missing or not an object", [], _labels("none", "none", "badRequest"))
@@ -658,11 +728,11 @@ def validate_review(request: Any, policy_store) -> Decision:
         return Decision(True, 200, "", [], _labels("none", "none", "notEvaluated"))
     namespace = request.get("namespace") or ""
     try:
-        evaluation = evaluate(request.get("object"), namespace, policy_set, kind)
+        evaluation = evaluate(request.get("object"), namespace, policy_set, kind, agent_images)
         old = None
         if operation == "UPDATE" and evaluation is not None and evaluation.findings \
                 and isinstance(request.get("oldObject"), dict):
-            old = evaluate(request["oldObject"], namespace, policy_set, kind)
+            old = evaluate(request["oldObject"], namespace, policy_set, kind, agent_images)
     except ObjectError as err:
         return Decision(False, 400, f"cannot evaluate egress policy: {err}", [],
                         _labels("none", "none", "badRequest"))

@@ -471,11 +471,29 @@ def test_cli_sample_policy_adds_the_example_with_its_namespace():
     assert sample["metadata"]["namespace"] in namespaces
 
 
+def test_cli_renders_accepted_agent_images_for_the_server(tmp_path):
+    """The rolling-upgrade list reaches `serve` as BPFINIT_ACCEPTED_AGENT_IMAGES; without it, no env at all
+    (the server then accepts exactly BPFINIT_AGENT_IMAGE)."""
+    def webhook_env(*extra):
+        proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", "--agent-image=reg/agent:2", *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        (deploy,) = [d for d in yaml.safe_load_all(proc.stdout)
+                     if d and d["kind"] == "Deployment" and d["metadata"]["name"] == render.WEBHOOK_NAME]
+        container = next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "webhook")
+        return {e["name"]: e.get("value") for e in container["env"]}
+    env = webhook_env("--accepted-agent-image=reg/agent:1", "--accepted-agent-image=reg/agent@sha256:" + "a" * 64)
+    assert env["BPFINIT_AGENT_IMAGE"] == "reg/agent:2"
+    assert env["BPFINIT_ACCEPTED_AGENT_IMAGES"] == "reg/agent:1,reg/agent@sha256:" + "a" * 64
+    assert "BPFINIT_ACCEPTED_AGENT_IMAGES" not in webhook_env()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--namespace=Bad_NS"], "not a valid namespace name"),
     (["--replicas=0"], "between 1 and 50"),
     (["--image=bad image"], "not an image reference"),
     (["--exclude-namespace=-x"], "not a valid namespace name"),
+    (["--accepted-agent-image=bad image"], "--accepted-agent-image 'bad image' is not an image reference"),
 ])
 def test_cli_rejects_bad_options_without_a_traceback(args, needle):
     proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", *args], cwd=REPO,

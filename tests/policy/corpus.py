@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from webhook.mutate import AGENT_CAPABILITIES, DEFAULT_AGENT_IMAGE
 from webhook.validate import AGENT_COMMAND, TEMPLATE_PATHS
 
 INJECTED = Path(__file__).resolve().parents[1] / "data" / "istio" / "injected"
@@ -94,11 +95,19 @@ def add_init_env(obj: dict, name: str, value: str) -> dict:
     return obj
 
 
-def swap_to_agent(obj: dict, egress_allow: list[str] | None) -> dict:
+AGENT_IMAGE = DEFAULT_AGENT_IMAGE   # the image validate_review accepts when not told otherwise
+
+
+def swap_to_agent(obj: dict, egress_allow: list[str] | None, image: str = AGENT_IMAGE) -> dict:
     """The final state after bpfinit's mutating webhook (ARCHITECTURE.md): istio-init keeps its name and
-    args, runs `bpfinit-agent setup`, and carries the policy's `--egress-allow`."""
+    args, runs `bpfinit-agent setup` from the agent image with the agent's capabilities, and carries the
+    policy's `--egress-allow`."""
     container = init_container(obj)
     container["command"] = list(AGENT_COMMAND)
+    container["image"] = image
+    container.setdefault("securityContext", {}).update(
+        privileged=False, allowPrivilegeEscalation=False, runAsUser=0, runAsGroup=0,
+        capabilities={"add": list(AGENT_CAPABILITIES), "drop": ["ALL"]})
     if egress_allow is not None:
         container["args"] = container["args"] + ["--egress-allow", ",".join(egress_allow)]
     return obj

@@ -198,6 +198,11 @@ def test_empty_allow_list_is_a_guard_that_allows_nothing():
 
 def test_wildcard_vectors():
     (policy,) = parse(policy_doc("p", "ns", allowedVectors=["*"])).policies
+    assert policy.allowed_vectors == frozenset(VECTORS) - {"untrustedCaptureImage"}
+
+
+def test_untrusted_capture_image_is_allowed_only_by_name():
+    (policy,) = parse(policy_doc("p", "ns", allowedVectors=["*", "untrustedCaptureImage"])).policies
     assert policy.allowed_vectors == frozenset(VECTORS)
 
 

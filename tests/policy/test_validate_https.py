@@ -14,7 +14,7 @@ import yaml
 
 from tests.webhook.conftest import WEBHOOK_BIN, start_server
 
-from .corpus import (NAMESPACE, PRODUCER_LABELS, annotate, base_objects, policy_doc, review, set_labels,
+from .corpus import (AGENT_IMAGE, NAMESPACE, PRODUCER_LABELS, annotate, base_objects, policy_doc, review, set_labels,
                      settings_doc)
 from .test_validate import VECTORS, cases, make
 
@@ -37,7 +37,9 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("policy-https")
     policy_file = tmp / "policy.yaml"
     policy_file.write_text(yaml.safe_dump_all(POLICY_DOCS))
-    srv = start_server(tmp, "--policy", str(policy_file), "--policy-crds", "off")
+    # the corpus's swapped pods carry the default agent image; this server's --agent-image is the test one
+    srv = start_server(tmp, "--policy", str(policy_file), "--policy-crds", "off",
+                       "--accepted-agent-images", AGENT_IMAGE)
     srv.policy_file = policy_file
     yield srv
     srv.stop()
@@ -173,3 +175,32 @@ def _eventually(predicate, timeout=WAIT_S):
             return True
         time.sleep(0.2)
     return False
+
+
+def test_forged_agent_istio_init_is_refused_by_both_webhooks_over_https(server):
+    """Audit case (a): an istio-init with someone else's image, the agent's command and more privileges is
+    neither taken as already swapped by /mutate nor admitted by /validate."""
+    from tests.webhook.conftest import AGENT_IMAGE as SERVER_AGENT_IMAGE
+    from webhook.mutate import AGENT_COMMAND
+
+    attacker = "docker.io/attacker/noop:1"
+    pod = set_labels(base_objects()["Pod"], PRODUCER_LABELS)
+    init = next(c for c in pod["spec"]["initContainers"] if c["name"] == "istio-init")
+    init.update(image=attacker, command=list(AGENT_COMMAND),
+                args=init["args"][1:] + ["--egress-allow", "172.20.0.0/16:9092"])
+    init["securityContext"] = {"privileged": True, "capabilities": {"add": ["NET_ADMIN", "SYS_ADMIN"]}}
+
+    mutated = server.review(envelope(review(pod)))["response"]
+    assert mutated["allowed"] is False and "patch" not in mutated
+    assert mutated["status"]["code"] == 422
+    assert mutated["status"]["message"].startswith(
+        f'bpfinit: init container "istio-init" runs bpfinit-agent with image "{attacker}", which is not an '
+        f"accepted bpfinit agent image [{SERVER_AGENT_IMAGE}, {AGENT_IMAGE}]")
+
+    validated = validate(server, pod)
+    assert validated["allowed"] is False and validated["status"]["code"] == 403
+    message = validated["status"]["message"]
+    assert message.startswith(f'init container "istio-init": image "{attacker}" runs bpfinit-agent but is not an '
+                              f"accepted bpfinit agent image [{SERVER_AGENT_IMAGE}, {AGENT_IMAGE}]")
+    assert "NET_ADMIN+SYS_ADMIN+privileged" in message
+    assert 'untrustedCaptureImage' in validated["auditAnnotations"]["egress-policy-violation"]
