@@ -65,6 +65,8 @@ def parse_review(body: bytes, content_type: str | None) -> dict:
         review = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EnvelopeError(400, f"body is not valid JSON: {exc}") from None
+    except RecursionError:   # a legal but absurdly nested document: a client error, not ours
+        raise EnvelopeError(400, "body nests JSON deeper than the parser allows") from None
     if not isinstance(review, dict):
         raise EnvelopeError(400, "body is not a JSON object")
     if review.get("kind") != "AdmissionReview":

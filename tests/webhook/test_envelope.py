@@ -86,6 +86,17 @@ def test_malformed_documents_are_400(webhook_server, body, path):
     assert_clean_error(webhook_server.post(path, body), 400)
 
 
+@pytest.mark.parametrize("path", ["/mutate", "/validate"])
+def test_deeply_nested_json_is_a_clean_400_without_a_logged_traceback(webhook_server, path):
+    depth = 100_000
+    body = (b'{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","object":'
+            + b"[" * depth + b"]" * depth + b"}}")
+    response = webhook_server.post(path, body)
+    assert_clean_error(response, 400)
+    assert "nests JSON deeper" in response.json()["error"]
+    assert "Traceback" not in webhook_server.log_path.read_text()
+
+
 def with_request(**changes) -> dict:
     review = pod_create_review(hello())
     review["request"].update(changes)
