@@ -25,6 +25,7 @@ from initagent.flags import CaptureConfig, FlagError, parse, split_list
 from webhook.annotations import (INTERCEPTION_MODES, describe_interception_modes, injection_templates,
                                  proxy_config_interception_mode, sidecar_injection_disabled)
 from webhook.mutate import AGENT_CAPABILITIES, DEFAULT_AGENT_IMAGE, runs_agent
+from webhook.admission import warning_lines
 from webhook.policy import Policy, PolicySet, Resolution, Settings
 
 ANN_EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
@@ -43,6 +44,7 @@ AGENT_COMMAND = ["bpfinit-agent", "setup"]
 AUDIT_KEY_VIOLATION = "egress-policy-violation"
 AUDIT_KEY_EXEMPTION = "egress-policy-exemption"
 WARNING_LIMIT = 120
+WARNING_MAX_LINES = 3     # per finding, before the brief form is used instead
 
 # where a workload keeps its pod template
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -107,7 +109,7 @@ class ObjectError(ValueError):
 class Finding:
     reason: str            # metric label: a vector name, or a destination reason
     text: str              # full sentence, without the policy name
-    brief: str             # short form for warnings
+    brief: str             # short form for warnings, when the text would take more than WARNING_MAX_LINES
     key: tuple = ()        # de-duplication key (same setting seen in annotations and in init args)
 
 
@@ -700,13 +702,15 @@ def evaluate(obj: Any, namespace: str, policy_set: PolicySet, kind: Optional[str
 
 
 def _warnings(findings: list[Finding], ref: str, mode: str, prefix: str = "") -> list[str]:
-    """kubectl prints each warning on its own line: a header naming the policy, then one short line
-    per finding (<= 120 chars where possible; the apiserver may cut entries over 256)."""
+    """kubectl prints each warning on its own line: a header naming the policy, then each finding in
+    lines of <= 120 chars (a long one continues on indented lines; the apiserver may cut entries over 256)."""
     count = f"{len(findings)} violation{'s' if len(findings) != 1 else ''}"
     lines = [f"{prefix}egress policy {ref} ({mode}): {count}"]
     for finding in findings:
-        text = finding.text if len(finding.text) <= WARNING_LIMIT else finding.brief
-        lines.append(text if len(text) <= WARNING_LIMIT else text[:WARNING_LIMIT - 3] + "...")
+        # the whole text, wrapped at words (in Warn mode it is all the user sees), unless it runs past a
+        # few lines (long CIDR lists): then the brief form, so the warnings stay bounded
+        wrapped = warning_lines(finding.text, WARNING_LIMIT)
+        lines.extend(wrapped if len(wrapped) <= WARNING_MAX_LINES else warning_lines(finding.brief, WARNING_LIMIT))
     return lines
 
 

@@ -583,6 +583,22 @@ def test_warnings_stay_short():
     assert all(len(w) <= 120 for w in decision.warnings), decision.warnings
 
 
+def test_warn_mode_shows_each_finding_whole_not_clipped():
+    obj = make("Deployment", VECTORS[0])
+    for vector in VECTORS[4:12]:
+        vector.apply(obj)
+    warned = validate_review(review(obj), policy_set(mode="Warn"))
+    denied = validate_review(review(obj), policy_set())
+    assert not any(w.endswith("...") for w in warned.warnings), warned.warnings
+    # every finding the denial states ("; "-separated, then the policy) is in the warnings word for word,
+    # continuation lines joined back; some are longer than one 120-char line
+    joined = " ".join(w.strip() for w in warned.warnings)
+    stated = denied.message.rsplit(" (policy ", 1)[0].split("; ")
+    assert len(stated) == 6 and any(len(text) > 120 for text in stated), stated
+    for text in stated:
+        assert text in joined, (text, warned.warnings)
+
+
 def test_every_injected_istio_object_is_evaluated_without_error():
     from .corpus import INJECTED
     import yaml
