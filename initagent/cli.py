@@ -84,8 +84,15 @@ def cmd_setup(argv: list[str]) -> int:
     if cfg.cleanup_only:
         return _cleanup(cfg.bpffs, netns_path)
     if cfg.skip_rule_apply:
-        # istio-validation (CNI mode) = --skip-rule-apply --run-validation: only probe what is there
+        # istio-validation (CNI mode) = --skip-rule-apply --run-validation: only probe what is there,
+        # in the netns named (else the validator would probe the wrong namespace's capture)
         if cfg.run_validation:
+            if netns_path and not _same_file(netns_path, "/proc/self/ns/net"):
+                # capture follows the pod's cgroup as well as its netns: a probe from outside the pod
+                # would test nothing, so this mode runs where istio-validation runs, inside the pod
+                return _err(f"--skip-rule-apply --run-validation probes from inside the pod (its cgroup and "
+                            f"netns), as istio-validation does; {netns_path} is not this process's netns",
+                            EXIT_USAGE)
             from initagent import validation
             return validation.run(cfg, ipv6=False)
         return 0

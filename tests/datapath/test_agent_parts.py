@@ -2,7 +2,9 @@
 the acceleration gate/self-test fallback, and unsupported configs refused clearly."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -33,6 +35,26 @@ def test_run_validation_fails_with_126_when_nothing_redirects():
         res = agentrun.setup(pod, bpffs, args + ["--run-validation", "--probe-timeout", "1s"])
         assert res.returncode == 126, (res.returncode, res.stdout, res.stderr)
         assert "validation failed" in res.stderr
+
+
+@pytest.mark.kernel
+def test_cni_validation_mode_runs_inside_the_pod_only():
+    """istio-validation's `--skip-rule-apply --run-validation` probes the capture it finds. Capture follows
+    the pod's cgroup as well as its netns, so pointed at a pod from outside (--network-namespace) it must
+    refuse, not probe the wrong place; inside the pod, naming its own netns, it passes."""
+    with bpffs_mount() as bpffs, Pod("valcni") as pod:
+        res = agentrun.setup(pod, bpffs)
+        assert res.returncode == 0, res.stderr
+        args = ["-m", "initagent.cli", "setup", *agentrun.TEMPLATE_ARGS, "--skip-rule-apply", "--run-validation",
+                "--probe-timeout", "1s", "--network-namespace", pod.netns_path]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(agentrun.REPO)}
+        outside = subprocess.run([sys.executable, *args], cwd=agentrun.REPO, env=env, capture_output=True,
+                                 text=True, timeout=60)
+        assert outside.returncode == 2, (outside.stdout, outside.stderr)
+        assert "probes from inside the pod" in outside.stderr and "Traceback" not in outside.stderr
+        inside = pod.run([sys.executable, *args], env=env, timeout=60)
+        assert inside.returncode == 0, (inside.stdout, inside.stderr)
+        assert "validation passed: 127.0.0.6:15002" in inside.stdout
 
 
 def setup_fresh_pod(extra_args: list[str], env: dict | None = None):
