@@ -10,7 +10,8 @@ Extension points for the policy engineer (one function each, no transport work):
   `request` is the AdmissionReview's `request` dict; it returns an object with
   `allowed, code, message, warnings, metric_labels` (e.g. webhook.admission.Decision).
   Until `webhook/validate.py` exists, /validate allows everything. It is also given
-  `agent_images=` (the agent images this webhook accepts, see WebhookSettings).
+  `agent_images=` (the agent images this webhook accepts, see WebhookSettings) and
+  `istio_images=` (its accepted Istio proxy images; empty: not checked).
 - /mutate asks `policy_store.egress_allow_for(pod, namespace) -> list[str] | None`
   when the store has that method, and passes the list to `mutate()`.
 """
@@ -29,7 +30,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from webhook import admission, logs, metrics
 from webhook.admission import Decision, EnvelopeError
 from webhook.certs import certificate_status
-from webhook.mutate import DEFAULT_AGENT_IMAGE, MutationSettings, mutate, trusted_agent_images
+from webhook.mutate import DEFAULT_AGENT_IMAGE, MutationSettings, clean_images, mutate, trusted_agent_images
 # Beyond this an oversized upload is cut off (connection closed) rather than drained.
 DRAIN_LIMIT_BYTES = 4 * admission.MAX_BODY_BYTES
 INTERNAL_ERROR = "internal-error"
@@ -67,6 +68,9 @@ class WebhookSettings:
     # more images a container running bpfinit-agent may carry (rolling upgrade: the previous agent image);
     # agent_image is always accepted, so the default accepts exactly the configured one
     accepted_agent_images: tuple[str, ...] = ()
+    # opt-in: the images Istio's capture containers (istio-init, istio-validation, istio-proxy) must carry
+    # to be Istio's (`REPOSITORY:*` = any tag/digest); empty, the default: Istio's images are not checked
+    accepted_istio_images: tuple[str, ...] = ()
     cert_dir: str | None = None      # /readyz and the expiry gauge check the certificates here when set
     own_namespace: str = "bpfinit-system"   # where the webhook runs (`serve --namespace`)
 
@@ -173,8 +177,10 @@ def _decision_word(decision: Any, outcome: str | None = None) -> str:
 def create_app(settings: WebhookSettings | None = None, policy_store: Any = None) -> Flask:
     settings = settings or WebhookSettings()
     mutation_settings = MutationSettings(agent_image=settings.agent_image,
-                                         accepted_agent_images=tuple(settings.accepted_agent_images))
+                                         accepted_agent_images=tuple(settings.accepted_agent_images),
+                                         accepted_istio_images=clean_images(settings.accepted_istio_images))
     agent_images = settings.trusted_agent_images
+    istio_images = mutation_settings.accepted_istio_images
     validate_review = _load_validator() or _allow_all
     log = logs.get_logger()
 
@@ -242,7 +248,8 @@ def create_app(settings: WebhookSettings | None = None, policy_store: Any = None
             # Defence in depth: the control plane and our own pods must start even if the validator's
             # namespaceSelector was edited, or our fail-closed validator could lock itself out.
             return Decision(allowed=True), "protectedNamespace"
-        decision = validate_review(review_request, policy_store, agent_images=agent_images)
+        decision = validate_review(review_request, policy_store, agent_images=agent_images,
+                                   istio_images=istio_images)
         labels = getattr(decision, "metric_labels", None) or {}
         # A validating answer must never carry a patch (VerifyAdmissionResponse).
         plain = Decision(allowed=bool(decision.allowed), code=getattr(decision, "code", None),

@@ -103,8 +103,9 @@ def objects_from_cluster(api_client, namespace: Optional[str] = None) -> list[di
     return objects
 
 
-def audit(objects: Iterable[dict], policy_set: PolicySet, agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES) -> Report:
-    agent_images = tuple(agent_images)
+def audit(objects: Iterable[dict], policy_set: PolicySet, agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES,
+          istio_images: Iterable[str] = ()) -> Report:
+    agent_images, istio_images = tuple(agent_images), tuple(istio_images)
     checked, violations, errors = 0, [], []
     for obj in objects:
         if not isinstance(obj, dict) or obj.get("kind") not in TEMPLATE_PATHS:
@@ -112,7 +113,8 @@ def audit(objects: Iterable[dict], policy_set: PolicySet, agent_images: Iterable
         meta = obj.get("metadata") or {}
         where = f"{meta.get('namespace', 'default')}/{obj.get('kind')}/{meta.get('name', '?')}"
         try:
-            evaluation = evaluate(obj, meta.get("namespace") or "default", policy_set, None, agent_images)
+            evaluation = evaluate(obj, meta.get("namespace") or "default", policy_set, None, agent_images,
+                                  istio_images)
         except ObjectError as err:
             errors.append(f"{where}: {err}")
             continue
@@ -181,6 +183,13 @@ def _in_cluster() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from webhook.cli import check_istio_images, split_images
+    istio_images = split_images(args.accepted_istio_images)
+    try:
+        check_istio_images(istio_images)
+    except ValueError as err:
+        print(f"bpfinit-webhook audit: {err}", file=sys.stderr)
+        return 2
     try:
         policy_set = _policy_set(args)
         if args.input:
@@ -200,8 +209,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.input and args.namespace:
         objects = [o for o in objects if ((o.get("metadata") or {}).get("namespace") or "default") == args.namespace]
-    from webhook.cli import split_images
-    report = audit(objects, policy_set, trusted_agent_images(args.agent_image, split_images(args.accepted_agent_images)))
+    agent_images = trusted_agent_images(args.agent_image, split_images(args.accepted_agent_images))
+    report = audit(objects, policy_set, agent_images, istio_images)
     print(render_json(report) if args.output == "json" else render_text(report))
     if report.errors:
         return 2
@@ -229,4 +238,8 @@ def register(subparsers) -> None:
     parser.add_argument("--accepted-agent-images", metavar="IMG[,IMG...]", action="append",
                         default=[os.environ.get("BPFINIT_ACCEPTED_AGENT_IMAGES", "")],
                         help="the webhook's --accepted-agent-images (env BPFINIT_ACCEPTED_AGENT_IMAGES)")
+    parser.add_argument("--accepted-istio-images", metavar="IMG[,IMG...]", action="append",
+                        default=[os.environ.get("BPFINIT_ACCEPTED_ISTIO_IMAGES", "")],
+                        help="the webhook's --accepted-istio-images (env BPFINIT_ACCEPTED_ISTIO_IMAGES; "
+                             "default: none, Istio's images are not checked)")
     parser.set_defaults(func=run)

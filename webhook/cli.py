@@ -46,7 +46,8 @@ def _port(text: str) -> int:
 
 
 def split_images(values: list[str]) -> tuple[str, ...]:
-    """`--accepted-agent-images` values (each comma-separated) as one list, blanks and repeats dropped."""
+    """`--accepted-agent-images` / `--accepted-istio-images` values (each comma-separated) as one list,
+    blanks and repeats dropped."""
     out: list[str] = []
     for value in values or []:
         for image in (value or "").split(","):
@@ -54,6 +55,16 @@ def split_images(values: list[str]) -> tuple[str, ...]:
             if image and image not in out:
                 out.append(image)
     return tuple(out)
+
+
+def check_istio_images(entries: tuple[str, ...], flag: str = "--accepted-istio-images") -> None:
+    """ValueError naming the first entry that can never match what it looks like (e.g. `istio/*`)."""
+    from webhook.mutate import istio_image_entry_problem
+
+    for entry in entries:
+        problem = istio_image_entry_problem(entry)
+        if problem:
+            raise ValueError(f"{flag} entry {entry!r} {problem}")
 
 
 def _add_serve(subparsers) -> None:
@@ -80,6 +91,13 @@ def _add_serve(subparsers) -> None:
                             "webhook's own, e.g. the previous --agent-image during a rolling upgrade; comma-"
                             "separated, repeatable; --agent-image is always accepted, any other image running "
                             "bpfinit-agent is refused (env BPFINIT_ACCEPTED_AGENT_IMAGES; default: none)")
+    serve.add_argument("--accepted-istio-images", metavar="IMG[,IMG...]", action="append",
+                       default=[_env("BPFINIT_ACCEPTED_ISTIO_IMAGES", "")],
+                       help="opt-in: the images Istio's istio-init, istio-validation and istio-proxy may carry, "
+                            "an exact reference or REPOSITORY:* (any tag or digest of that repository), comma-"
+                            "separated, repeatable; a capture container with another image loses its exemptions "
+                            "and an istio-init with another image is not swapped but refused (env "
+                            "BPFINIT_ACCEPTED_ISTIO_IMAGES; default: none, Istio's images are not checked)")
     serve.add_argument("--service-name", default=_env("BPFINIT_WEBHOOK_SERVICE", DEFAULT_SERVICE),
                        help="Service name for the certificate SANs (default %(default)s)")
     serve.add_argument("--namespace", default=_env("BPFINIT_WEBHOOK_NAMESPACE", DEFAULT_NAMESPACE),
@@ -111,6 +129,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     except policy.PolicyError as error:
         print(f"bpfinit-webhook: {error}", file=sys.stderr)
         return 2
+    istio_images = split_images(args.accepted_istio_images)
+    try:
+        check_istio_images(istio_images)
+    except ValueError as error:
+        print(f"bpfinit-webhook: {error}", file=sys.stderr)
+        return 2
     sans = certs.default_sans(args.service_name, args.namespace) + list(args.extra_san)
     try:
         paths = certs.ensure_certificates(args.cert_dir, sans)
@@ -122,6 +146,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(host=args.host, port=args.port, cert_dir=str(paths.directory),
                             agent_image=args.agent_image,
                             accepted_agent_images=split_images(args.accepted_agent_images),
+                            accepted_istio_images=istio_images,
                             namespace=args.namespace, workers=args.workers,
                             threads=args.threads,
                             metrics_dir=args.metrics_dir, log_level=args.log_level, access_log=args.access_log)

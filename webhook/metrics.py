@@ -40,8 +40,8 @@ class _Metrics:
             "bpfinit_webhook_outcomes_total",
             "What the webhook concluded: for mutate the mutation outcome (swapped, already-swapped, "
             "no-istio-init, istio-cni, opted-out, user-override, unsupported-flags, invalid-annotations, "
-            "reserved-volume, untrusted-agent-image, host-network, mirror-pod, not-a-pod-create, protected-namespace, "
-            "internal-error); for validate "
+            "reserved-volume, untrusted-agent-image, untrusted-istio-image, host-network, mirror-pod, "
+            "not-a-pod-create, protected-namespace, internal-error); for validate "
             "the policy's reason (or protectedNamespace, internal-error).",
             ["webhook", "outcome"], registry=self.registry)
         self.policy_decisions = Counter(

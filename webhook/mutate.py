@@ -15,12 +15,15 @@ Decisions (docs/webhook.md explains them to users):
   second pass (reinvocation) yields no patch; an init container running
   bpfinit-agent with any other image is not ours and the pod is refused;
 - istio-init's args (without the leading `istio-iptables` word) and env are
-  carried over, so the agent sees exactly the capture settings Istio rendered.
+  carried over, so the agent sees exactly the capture settings Istio rendered;
+  with `--accepted-istio-images` set (opt-in), only an istio-init whose image is
+  on that list is swapped, any other is refused (its args would become ours).
 """
 from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -93,6 +96,9 @@ class MutationSettings:
     # Other images a container running bpfinit-agent may carry and still be ours (e.g. the previous
     # webhook version's during a rolling upgrade). `agent_image` is always accepted.
     accepted_agent_images: tuple[str, ...] = ()
+    # Opt-in: the images Istio's capture containers (istio-init, istio-validation, istio-proxy) may carry,
+    # entries as in `istio_image_accepted`. Empty (the default): Istio's images are not checked.
+    accepted_istio_images: tuple[str, ...] = ()
 
     @property
     def trusted_agent_images(self) -> tuple[str, ...]:
@@ -107,6 +113,62 @@ def trusted_agent_images(agent_image: str, accepted: Sequence[str] = ()) -> tupl
         if image and image not in out:
             out.append(image)
     return tuple(out)
+
+
+# Istio's capture containers: they run Istio's proxy image (proxyv2 by default; istio-init may have its own,
+# values.global.proxy_init.image), so one accepted list covers all three.
+ISTIO_CAPTURE_CONTAINERS = (ISTIO_INIT, ISTIO_VALIDATION, "istio-proxy")
+ISTIO_IMAGE_WILDCARD = ":*"
+# what may follow a repository in an image reference: an optional tag, then an optional digest
+_TAG_AND_DIGEST = re.compile(r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+                             r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?")
+
+
+def clean_images(entries: Sequence[str] | None) -> tuple[str, ...]:
+    """Entries stripped, without blanks or repeats, in order."""
+    return trusted_agent_images("", entries or ())
+
+
+def istio_image_entry_problem(entry: str) -> str | None:
+    """Why an `--accepted-istio-images` entry can never mean what it looks like (None: it is fine)."""
+    if not entry or any(c.isspace() for c in entry):
+        return "is blank or contains whitespace"
+    repository = entry[:-len(ISTIO_IMAGE_WILDCARD)] if entry.endswith(ISTIO_IMAGE_WILDCARD) else entry
+    if "*" in repository:
+        return "has a '*' that is not a whole tag: the only wildcard is REPOSITORY:* (e.g. docker.io/istio/proxyv2:*)"
+    if repository is not entry and (not repository or "@" in repository
+                                    or ":" in repository.rsplit("/", 1)[-1]):
+        return "is not REPOSITORY:* (the repository must come without a tag or digest)"
+    return None
+
+
+def istio_image_accepted(image: Any, accepted: Sequence[str]) -> bool:
+    """Is `image` one of the accepted Istio images? An entry matches an image exactly (as written, no
+    normalisation: `istio/proxyv2` is not `docker.io/istio/proxyv2`), or is `REPOSITORY:*`, which matches
+    that repository with any tag and/or digest, or none (`REPOSITORY`, `REPOSITORY:1.24.0`,
+    `REPOSITORY@sha256:...`, `REPOSITORY:1.24.0@sha256:...`) and no other repository. An empty list
+    accepts everything: the check is opt-in."""
+    accepted = clean_images(accepted)
+    if not accepted:
+        return True
+    if not isinstance(image, str) or not image:
+        return False
+    for entry in accepted:
+        if image == entry:
+            return True
+        if entry.endswith(ISTIO_IMAGE_WILDCARD):
+            repository = entry[:-len(ISTIO_IMAGE_WILDCARD)]
+            if (repository and image.startswith(repository)
+                    and _TAG_AND_DIGEST.fullmatch(image, len(repository)) is not None):
+                return True
+    return False
+
+
+def describe_untrusted_istio_init(image: Any, accepted: Sequence[str]) -> str:
+    shown = f'"{image}"' if isinstance(image, str) and image else "(no image)"
+    return (f'init container "{ISTIO_INIT}" has image {shown}, which is not an accepted Istio proxy image '
+            f"[{', '.join(clean_images(accepted))}]: bpfinit swaps only Istio's own istio-init, whose args it "
+            "carries into the agent (accepted images: --accepted-istio-images)")
 
 
 def runs_agent(container: Any) -> bool:
@@ -367,6 +429,12 @@ def mutate(pod: dict, settings: MutationSettings, egress_allow: Sequence[str] | 
             or not all(isinstance(a, str) for a in args)):
         return MutationResult("user-override", warnings=[
             "bpfinit: pod keeps istio-init: its command/args were overridden (not istio-iptables)"])
+
+    # Opt-in: an istio-init that is not from the mesh's image is not Istio's, and its args would become ours.
+    if not istio_image_accepted(istio_init.get("image"), settings.accepted_istio_images):
+        return MutationResult("untrusted-istio-image",
+                              denial=describe_untrusted_istio_init(istio_init.get("image"),
+                                                                   settings.accepted_istio_images))
 
     if raw_annotations is not None and not isinstance(raw_annotations, dict):
         return MutationResult("invalid-annotations", denial="metadata.annotations must be a map of strings")

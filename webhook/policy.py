@@ -47,7 +47,9 @@ VECTORS: dict[str, str] = {
     "istioInit": "the pod keeps iptables istio-init: bypassed traffic is not confined by the kernel guard",
     "captureDisabled": "the init container is told to program nothing (skip-rule-apply, dry-run, cleanup-only)",
     "untrustedCaptureImage": "an init container runs bpfinit-agent with an image the webhook does not accept as its "
-                             "agent (not --agent-image / --accepted-agent-images): not ours, whatever its name",
+                             "agent (not --agent-image / --accepted-agent-images): not ours, whatever its name; "
+                             "or, with --accepted-istio-images set, istio-init / istio-validation / istio-proxy "
+                             "with an image not on that list: not Istio's",
 }
 # Vectors "*" does not include: a policy allows them only by naming them.
 EXPLICIT_ONLY_VECTORS = frozenset({"untrustedCaptureImage"})

@@ -75,6 +75,7 @@ class RenderOptions:
     exporter: bool = True
     agent_image: str | None = None         # image for the swapped init container; defaults to `image`
     accepted_agent_images: tuple[str, ...] = ()   # more agent images the webhook accepts (rolling upgrades)
+    accepted_istio_images: tuple[str, ...] = ()   # opt-in: Istio's capture containers' images (REPO:* allowed)
     log_level: str = "info"
     extra_labels: dict = field(default_factory=dict)
 
@@ -95,6 +96,15 @@ def check_options(opts: RenderOptions) -> None:
     for flag, image in images:
         if image is not None and (not _IMAGE_REF.match(image) or image.endswith((":", "@"))):
             raise RenderError(f"{flag} {image!r} is not an image reference (e.g. registry/bpfinit:0.1.0)")
+    from webhook.mutate import istio_image_entry_problem
+    for entry in opts.accepted_istio_images:
+        # an exact reference, or REPOSITORY:* (docs/webhook.md "Istio image trust")
+        repository = entry[:-2] if entry.endswith(":*") else entry
+        problem = istio_image_entry_problem(entry)
+        if problem is None and (not _IMAGE_REF.match(repository) or repository.endswith((":", "@"))):
+            problem = "is not an image reference (e.g. docker.io/istio/proxyv2:1.24.0 or docker.io/istio/proxyv2:*)"
+        if problem:
+            raise RenderError(f"--accepted-istio-image {entry!r} {problem}")
     if opts.certs not in CERT_MODES:
         raise RenderError(f"--certs must be one of {', '.join(CERT_MODES)}, not {opts.certs!r}")
     if opts.rollout not in ROLLOUTS:
@@ -247,6 +257,9 @@ def _webhook_container(opts: RenderOptions) -> dict:
             # only when asked for: the agent image above is always accepted (docs/webhook.md "Agent image trust")
             *([{"name": "BPFINIT_ACCEPTED_AGENT_IMAGES", "value": ",".join(opts.accepted_agent_images)}]
               if opts.accepted_agent_images else []),
+            # opt-in (docs/webhook.md "Istio image trust"): without it Istio's images are not checked
+            *([{"name": "BPFINIT_ACCEPTED_ISTIO_IMAGES", "value": ",".join(opts.accepted_istio_images)}]
+              if opts.accepted_istio_images else []),
             # gunicorn workers share metrics through files; the root filesystem is read-only.
             {"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/metrics"},
             {"name": "HOME", "value": "/tmp"},
@@ -655,6 +668,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--accepted-agent-image", action="append", default=[], dest="accepted_agent_images",
                    help="another agent image the webhook accepts as its own, e.g. the previous --agent-image "
                         "during an upgrade (repeatable; env BPFINIT_ACCEPTED_AGENT_IMAGES)")
+    p.add_argument("--accepted-istio-image", action="append", default=[], dest="accepted_istio_images",
+                   help="opt-in: an image Istio's istio-init / istio-validation / istio-proxy may carry, exact or "
+                        "REPOSITORY:* for any tag or digest (repeatable; env BPFINIT_ACCEPTED_ISTIO_IMAGES; "
+                        "default: Istio's images are not checked)")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     p.add_argument("--certs", choices=CERT_MODES, default="builtin",
                    help="builtin: the webhook makes its own CA; cert-manager: Certificate + cainjector")
@@ -688,7 +705,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         example_docs = load_example_docs() if args.sample_policy and not args.no_sample_policy else []
         opts = RenderOptions(image=args.image, agent_image=args.agent_image,
-                             accepted_agent_images=tuple(args.accepted_agent_images), namespace=args.namespace,
+                             accepted_agent_images=tuple(args.accepted_agent_images),
+                             accepted_istio_images=tuple(args.accepted_istio_images), namespace=args.namespace,
                              certs=args.certs, rollout=args.rollout, replicas=args.replicas,
                              extra_excluded_namespaces=tuple(args.exclude), exporter=not args.no_exporter,
                              log_level=args.log_level)

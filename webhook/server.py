@@ -48,6 +48,7 @@ class ServerOptions:
     cert_dir: str = "run/certs"
     agent_image: str = ""
     accepted_agent_images: tuple[str, ...] = ()   # besides agent_image (rolling upgrades)
+    accepted_istio_images: tuple[str, ...] = ()   # opt-in: Istio's capture containers' images (empty: unchecked)
     namespace: str = "bpfinit-system"   # the webhook's own namespace: its pods are never mutated/policed
     workers: int = 2
     threads: int = 16
@@ -138,7 +139,8 @@ class WebhookServer(BaseApplication):
         logs.configure(self.options.log_level)
         return create_app(WebhookSettings(agent_image=self.options.agent_image, cert_dir=self.options.cert_dir,
                                           own_namespace=self.options.namespace,
-                                          accepted_agent_images=tuple(self.options.accepted_agent_images)),
+                                          accepted_agent_images=tuple(self.options.accepted_agent_images),
+                                          accepted_istio_images=tuple(self.options.accepted_istio_images)),
                           policy_store=self.policy_store)
 
 

@@ -24,7 +24,8 @@ import yaml
 from initagent.flags import CaptureConfig, FlagError, parse, split_list
 from webhook.annotations import (INTERCEPTION_MODES, describe_interception_modes, injection_templates,
                                  proxy_config_interception_mode, sidecar_injection_disabled)
-from webhook.mutate import AGENT_CAPABILITIES, DEFAULT_AGENT_IMAGE, runs_agent
+from webhook.mutate import (AGENT_CAPABILITIES, DEFAULT_AGENT_IMAGE, clean_images, istio_image_accepted,
+                            runs_agent)
 from webhook.admission import warning_lines
 from webhook.policy import Policy, PolicySet, Resolution, Settings
 
@@ -278,6 +279,7 @@ class _Capture:
     origin: Callable[[str], tuple[str, Optional[str]]]   # setting -> (where, raw value)
     is_validation: bool = False
     is_agent: bool = False
+    untrusted: bool = False   # an Istio capture container whose image is not accepted: it vouches for nothing
 
 
 def _env_of(container: dict) -> dict[str, str]:
@@ -566,14 +568,36 @@ def _untrusted_agent_finding(policy: Policy, index: int, container: dict, spec_p
                    ("initContainers", str(name)))
 
 
+def _untrusted_istio_finding(policy: Policy, list_name: str, index: int, container: dict, spec_path: str,
+                             istio_images: tuple[str, ...]) -> Optional[Finding]:
+    name, image = container.get("name", f"#{index}"), container.get("image")
+    shown = f'"{image}"' if isinstance(image, str) and image else "(no image)"
+    return _vector(policy, "untrustedCaptureImage", f'container "{name}"', f"image {shown}",
+                   f"is not one of the webhook's --accepted-istio-images [{', '.join(istio_images)}]: only Istio's "
+                   "own capture containers get their exemptions, so this container gets none of them "
+                   f"({spec_path}.{list_name}[{index}].image)",
+                   (list_name, str(name)))
+
+
 def pod_findings(target: Target, resolution: Resolution, settings: Settings,
-                 agent_images: tuple[str, ...] = DEFAULT_AGENT_IMAGES) -> list[Finding]:
+                 agent_images: tuple[str, ...] = DEFAULT_AGENT_IMAGES,
+                 istio_images: tuple[str, ...] = ()) -> list[Finding]:
     """Every bypass in the pod (template) that `resolution.policy` does not allow. `agent_images`: the
-    images a container running bpfinit-agent must carry to be the webhook's own."""
+    images a container running bpfinit-agent must carry to be the webhook's own. `istio_images` (opt-in,
+    empty: not checked): the images Istio's capture containers must carry to get their exemptions."""
     policy = resolution.policy
     meta, spec = target.meta, target.spec
     annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
     findings: list[Finding] = []
+    istio_images = clean_images(istio_images)
+
+    def untrusted_istio(list_name: str, index: int, container: dict) -> bool:
+        """Is this Istio capture container's image not accepted? If so, it is reported."""
+        if istio_image_accepted(container.get("image"), istio_images):
+            return False
+        findings.append(_untrusted_istio_finding(policy, list_name, index, container, target.spec_path,
+                                                 istio_images))
+        return True
 
     # --- vectors from metadata and spec
     injection_off = sidecar_injection_disabled(labels, annotations)
@@ -625,13 +649,18 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings,
             # not ours, whatever its name: no agent role, no exemption, its args are not our capture
             findings.append(_untrusted_agent_finding(policy, index, container, target.spec_path, agent_images))
             continue
+        # Istio's istio-init / istio-validation from an image the webhook does not accept: no grant, and its
+        # args are still checked (they can only add findings) but vouch for nothing (TPROXY)
+        untrusted = (name in ("istio-init", "istio-validation") and not runs_agent(container)
+                     and untrusted_istio("initContainers", index, container))
         if name in ("istio-init", "istio-validation") and not (
                 isinstance(command, list) and all(isinstance(c, str) for c in command)):
             findings.append(_unverifiable(f"{name} command", "is not a list of strings"))
             continue
         if name == "istio-validation":
-            cap = _container_capture(container, name, findings, is_validation=True)
-            grants[("initContainers", name)] = _VALIDATION_GRANT
+            cap = _container_capture(container, name, findings, is_validation=True, untrusted=untrusted)
+            if not untrusted:
+                grants[("initContainers", name)] = _VALIDATION_GRANT
         elif name == "istio-init" and command == AGENT_COMMAND:
             cap = agent_cap = _container_capture(container, name, findings, is_agent=True)
             grants[("initContainers", name)] = _AGENT_GRANT
@@ -640,17 +669,24 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings,
             if command and command[0].rsplit("/", 1)[-1] != "pilot-agent":
                 findings.append(_unverifiable("istio-init command", f"{' '.join(map(str, command))!r} is not Istio's"))
                 continue
-            cap = _container_capture(container, name, findings)
-            grants[("initContainers", name)] = _ISTIO_INIT_GRANT
+            cap = _container_capture(container, name, findings, untrusted=untrusted)
+            if not untrusted:
+                grants[("initContainers", name)] = _ISTIO_INIT_GRANT
             iptables_init = True
         else:
             continue
         if cap:
             caps.append(cap)
     # istio-proxy gets NET_ADMIN from Istio's template only when the inbound interception mode is TPROXY
-    tproxy = mode == "TPROXY" or any(c.cfg.interception_mode == "TPROXY" for c in caps if c is not annotation_cap)
+    tproxy = mode == "TPROXY" or any(c.cfg.interception_mode == "TPROXY" for c in caps
+                                     if c is not annotation_cap and not c.untrusted)
     proxy_grant = _TPROXY_PROXY_GRANT if tproxy else _PROXY_GRANT
-    grants[("containers", "istio-proxy")] = grants[("initContainers", "istio-proxy")] = proxy_grant
+    for list_name in ("containers", "initContainers"):
+        proxies = [(i, c) for i, c in enumerate(spec.get(list_name) or []) if c.get("name") == "istio-proxy"]
+        # (a list holds a name once; were it twice, every copy would have to be accepted)
+        untrusted_proxies = [untrusted_istio(list_name, i, c) for i, c in proxies]
+        if not any(untrusted_proxies):
+            grants[(list_name, "istio-proxy")] = proxy_grant
     for cap in caps:
         findings.extend(_capture_findings(cap, policy, settings))
 
@@ -688,7 +724,8 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings,
 # decisions
 # ----------------------------------------------------------------------------------------------------
 def evaluate(obj: Any, namespace: str, policy_set: PolicySet, kind: Optional[str] = None,
-             agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES) -> Optional[Evaluation]:
+             agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES,
+             istio_images: Iterable[str] = ()) -> Optional[Evaluation]:
     """Findings for one object under the current policy (None: not a pod or workload)."""
     target = extract_target(obj, namespace, kind)
     if target is None:
@@ -698,7 +735,7 @@ def evaluate(obj: Any, namespace: str, policy_set: PolicySet, kind: Optional[str
     if resolution.policy is None:
         return Evaluation(target, resolution, [])
     return Evaluation(target, resolution, pod_findings(target, resolution, policy_set.settings,
-                                                       tuple(agent_images)))
+                                                       tuple(agent_images), tuple(istio_images)))
 
 
 def _warnings(findings: list[Finding], ref: str, mode: str, prefix: str = "") -> list[str]:
@@ -718,11 +755,13 @@ def _labels(ref: str, mode: str, reason: str) -> dict:
     return {"policy": ref, "mode": mode, "reason": reason}
 
 
-def validate_review(request: Any, policy_store, agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES) -> Decision:
+def validate_review(request: Any, policy_store, agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES,
+                    istio_images: Iterable[str] = ()) -> Decision:
     """AdmissionReview.request -> Decision. Denials are allowed=False, code 403; a malformed request
     is allowed=False, code 400 with the field named; nothing here raises. `agent_images`: the images
-    the webhook's own agent may carry (its --agent-image and --accepted-agent-images)."""
-    agent_images = tuple(agent_images)
+    the webhook's own agent may carry (its --agent-image and --accepted-agent-images); `istio_images`:
+    its --accepted-istio-images (empty: Istio's images are not checked)."""
+    agent_images, istio_images = tuple(agent_images), clean_images(tuple(istio_images))
     policy_set = policy_store.current() if hasattr(policy_store, "current") else (policy_store or PolicySet())
     if not isinstance(request, dict):
         return Decision(False, 400, "request is missing or not an object", [], _labels("none", "none", "badRequest"))
@@ -732,11 +771,11 @@ def validate_review(request: Any, policy_store, agent_images: Iterable[str] = DE
         return Decision(True, 200, "", [], _labels("none", "none", "notEvaluated"))
     namespace = request.get("namespace") or ""
     try:
-        evaluation = evaluate(request.get("object"), namespace, policy_set, kind, agent_images)
+        evaluation = evaluate(request.get("object"), namespace, policy_set, kind, agent_images, istio_images)
         old = None
         if operation == "UPDATE" and evaluation is not None and evaluation.findings \
                 and isinstance(request.get("oldObject"), dict):
-            old = evaluate(request["oldObject"], namespace, policy_set, kind, agent_images)
+            old = evaluate(request["oldObject"], namespace, policy_set, kind, agent_images, istio_images)
     except ObjectError as err:
         return Decision(False, 400, f"cannot evaluate egress policy: {err}", [],
                         _labels("none", "none", "badRequest"))

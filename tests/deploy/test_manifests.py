@@ -488,12 +488,34 @@ def test_cli_renders_accepted_agent_images_for_the_server(tmp_path):
     assert "BPFINIT_ACCEPTED_AGENT_IMAGES" not in webhook_env()
 
 
+def test_cli_renders_accepted_istio_images_for_the_server():
+    """The opt-in Istio image list reaches `serve` as BPFINIT_ACCEPTED_ISTIO_IMAGES (exact and REPOSITORY:*
+    entries); without it, no env at all (Istio's images are then not checked)."""
+    def webhook_env(*extra):
+        proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        (deploy,) = [d for d in yaml.safe_load_all(proc.stdout)
+                     if d and d["kind"] == "Deployment" and d["metadata"]["name"] == render.WEBHOOK_NAME]
+        container = next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "webhook")
+        return {e["name"]: e.get("value") for e in container["env"]}
+    env = webhook_env("--accepted-istio-image=docker.io/istio/proxyv2:*",
+                      "--accepted-istio-image=mirror.example/istio/proxyv2@sha256:" + "b" * 64)
+    assert env["BPFINIT_ACCEPTED_ISTIO_IMAGES"] == "docker.io/istio/proxyv2:*,mirror.example/istio/proxyv2@sha256:" \
+        + "b" * 64
+    assert "BPFINIT_ACCEPTED_ISTIO_IMAGES" not in webhook_env()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--namespace=Bad_NS"], "not a valid namespace name"),
     (["--replicas=0"], "between 1 and 50"),
     (["--image=bad image"], "not an image reference"),
     (["--exclude-namespace=-x"], "not a valid namespace name"),
     (["--accepted-agent-image=bad image"], "--accepted-agent-image 'bad image' is not an image reference"),
+    (["--accepted-istio-image=docker.io/istio/*"], "--accepted-istio-image 'docker.io/istio/*' has a '*' that is "
+                                                  "not a whole tag: the only wildcard is REPOSITORY:*"),
+    (["--accepted-istio-image=docker.io/istio/proxyv2:1.24:*"], "is not REPOSITORY:*"),
+    (["--accepted-istio-image=-x:*"], "--accepted-istio-image '-x:*' is not an image reference"),
 ])
 def test_cli_rejects_bad_options_without_a_traceback(args, needle):
     proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", *args], cwd=REPO,

@@ -19,6 +19,7 @@ from .corpus import (AGENT_IMAGE, NAMESPACE, PRODUCER_LABELS, annotate, base_obj
 from .test_validate import VECTORS, cases, make
 
 WAIT_S = 15
+ISTIO_IMAGES = "registry.istio.io/testing/proxyv2:*"
 POLICY_DOCS = [
     settings_doc(namespaceModes={"rollout-warn": "Warn", "rollout-audit": "Audit"}),
     policy_doc("allow-kafka-egress", NAMESPACE, mode="Enforce", selector={"matchLabels": dict(PRODUCER_LABELS)},
@@ -37,9 +38,11 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("policy-https")
     policy_file = tmp / "policy.yaml"
     policy_file.write_text(yaml.safe_dump_all(POLICY_DOCS))
-    # the corpus's swapped pods carry the default agent image; this server's --agent-image is the test one
+    # the corpus's swapped pods carry the default agent image; this server's --agent-image is the test one.
+    # Istio's images are checked (opt-in) against the corpus's repository: every other test here must pass
+    # as without the list, since Istio's own containers carry it
     srv = start_server(tmp, "--policy", str(policy_file), "--policy-crds", "off",
-                       "--accepted-agent-images", AGENT_IMAGE)
+                       "--accepted-agent-images", AGENT_IMAGE, "--accepted-istio-images", ISTIO_IMAGES)
     srv.policy_file = policy_file
     yield srv
     srv.stop()
@@ -204,3 +207,37 @@ def test_forged_agent_istio_init_is_refused_by_both_webhooks_over_https(server):
                               f"accepted bpfinit agent image [{SERVER_AGENT_IMAGE}, {AGENT_IMAGE}]")
     assert "NET_ADMIN+SYS_ADMIN+privileged" in message
     assert 'untrustedCaptureImage' in validated["auditAnnotations"]["egress-policy-violation"]
+
+
+def test_unaccepted_istio_images_are_refused_by_both_webhooks_over_https(server):
+    """Opt-in --accepted-istio-images: an istio-init from another image is not swapped (/mutate 422, its args
+    would become the agent's) and loses Istio's NET_ADMIN grant (/validate); an istio-proxy from another image
+    may not run as the proxy UID."""
+    attacker = "docker.io/attacker/noop:1"
+    pod = set_labels(base_objects()["Pod"], PRODUCER_LABELS)
+    init = next(c for c in pod["spec"]["initContainers"] if c["name"] == "istio-init")
+    init["image"] = attacker
+
+    mutated = server.review(envelope(review(pod)))["response"]
+    assert mutated["allowed"] is False and "patch" not in mutated and mutated["status"]["code"] == 422
+    assert mutated["status"]["message"] == (
+        f'bpfinit: init container "istio-init" has image "{attacker}", which is not an accepted Istio proxy image '
+        f"[{ISTIO_IMAGES}]: bpfinit swaps only Istio's own istio-init, whose args it carries into the agent "
+        "(accepted images: --accepted-istio-images)")
+    validated = validate(server, pod)
+    assert validated["allowed"] is False and validated["status"]["code"] == 403
+    assert validated["status"]["message"].startswith(
+        f'container "istio-init": image "{attacker}" is not one of the webhook\'s --accepted-istio-images '
+        f"[{ISTIO_IMAGES}]: only Istio's own capture containers get their exemptions")
+    assert 'container "istio-init": NET_ADMIN can rewrite' in validated["status"]["message"]
+
+    pod = set_labels(base_objects()["Pod"], PRODUCER_LABELS)
+    proxy = next(c for key in ("initContainers", "containers") for c in pod["spec"].get(key) or []
+                 if c["name"] == "istio-proxy")
+    proxy["image"] = "registry.istio.io/testing/proxyv2-evil:latest"     # shares the repository's prefix only
+    validated = validate(server, pod)
+    assert validated["allowed"] is False
+    assert 'container "istio-proxy": image "registry.istio.io/testing/proxyv2-evil:latest" is not one of' \
+        in validated["status"]["message"]
+    assert 'container "istio-proxy": runAsUser 1337 is the proxy UID' in validated["status"]["message"]
+    assert "untrustedCaptureImage" in validated["auditAnnotations"]["egress-policy-violation"]
