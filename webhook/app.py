@@ -10,8 +10,9 @@ Extension points for the policy engineer (one function each, no transport work):
   `request` is the AdmissionReview's `request` dict; it returns an object with
   `allowed, code, message, warnings, metric_labels` (e.g. webhook.admission.Decision).
   Until `webhook/validate.py` exists, /validate allows everything. It is also given
-  `agent_images=` (the agent images this webhook accepts, see WebhookSettings) and
-  `istio_images=` (its accepted Istio proxy images; empty: not checked).
+  `agent_images=` (the agent images this webhook accepts, see WebhookSettings),
+  `istio_images=` (its accepted Istio proxy images; empty: not checked) and
+  `mesh_privileged_proxies=` (Istio's privileged proxy shape is exempt).
 - /mutate asks `policy_store.egress_allow_for(pod, namespace) -> list[str] | None`
   when the store has that method, and passes the list to `mutate()`.
 """
@@ -71,6 +72,9 @@ class WebhookSettings:
     # opt-in: the images Istio's capture containers (istio-init, istio-validation, istio-proxy) must carry
     # to be Istio's (`REPOSITORY:*` = any tag/digest); empty, the default: Istio's images are not checked
     accepted_istio_images: tuple[str, ...] = ()
+    # opt-in: the mesh sets Istio's values.global.proxy.privileged, so istio-init / istio-proxy with exactly
+    # that rendering (privileged + allowPrivilegeEscalation) are exempt; off, the default: unverifiable
+    mesh_privileged_proxies: bool = False
     cert_dir: str | None = None      # /readyz and the expiry gauge check the certificates here when set
     own_namespace: str = "bpfinit-system"   # where the webhook runs (`serve --namespace`)
 
@@ -249,7 +253,8 @@ def create_app(settings: WebhookSettings | None = None, policy_store: Any = None
             # namespaceSelector was edited, or our fail-closed validator could lock itself out.
             return Decision(allowed=True), "protectedNamespace"
         decision = validate_review(review_request, policy_store, agent_images=agent_images,
-                                   istio_images=istio_images)
+                                   istio_images=istio_images,
+                                   mesh_privileged_proxies=settings.mesh_privileged_proxies)
         labels = getattr(decision, "metric_labels", None) or {}
         # A validating answer must never carry a patch (VerifyAdmissionResponse).
         plain = Decision(allowed=bool(decision.allowed), code=getattr(decision, "code", None),

@@ -104,7 +104,7 @@ def objects_from_cluster(api_client, namespace: Optional[str] = None) -> list[di
 
 
 def audit(objects: Iterable[dict], policy_set: PolicySet, agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES,
-          istio_images: Iterable[str] = ()) -> Report:
+          istio_images: Iterable[str] = (), mesh_privileged_proxies: bool = False) -> Report:
     agent_images, istio_images = tuple(agent_images), tuple(istio_images)
     checked, violations, errors = 0, [], []
     for obj in objects:
@@ -114,7 +114,7 @@ def audit(objects: Iterable[dict], policy_set: PolicySet, agent_images: Iterable
         where = f"{meta.get('namespace', 'default')}/{obj.get('kind')}/{meta.get('name', '?')}"
         try:
             evaluation = evaluate(obj, meta.get("namespace") or "default", policy_set, None, agent_images,
-                                  istio_images)
+                                  istio_images, mesh_privileged_proxies)
         except ObjectError as err:
             errors.append(f"{where}: {err}")
             continue
@@ -183,10 +183,11 @@ def _in_cluster() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from webhook.cli import check_istio_images, split_images
+    from webhook.cli import check_istio_images, mesh_privileged_proxies, split_images
     istio_images = split_images(args.accepted_istio_images)
     try:
         check_istio_images(istio_images)
+        privileged = mesh_privileged_proxies(args.mesh_privileged_proxies)
     except ValueError as err:
         print(f"bpfinit-webhook audit: {err}", file=sys.stderr)
         return 2
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input and args.namespace:
         objects = [o for o in objects if ((o.get("metadata") or {}).get("namespace") or "default") == args.namespace]
     agent_images = trusted_agent_images(args.agent_image, split_images(args.accepted_agent_images))
-    report = audit(objects, policy_set, agent_images, istio_images)
+    report = audit(objects, policy_set, agent_images, istio_images, privileged)
     print(render_json(report) if args.output == "json" else render_text(report))
     if report.errors:
         return 2
@@ -242,4 +243,7 @@ def register(subparsers) -> None:
                         default=[os.environ.get("BPFINIT_ACCEPTED_ISTIO_IMAGES", "")],
                         help="the webhook's --accepted-istio-images (env BPFINIT_ACCEPTED_ISTIO_IMAGES; "
                              "default: none, Istio's images are not checked)")
+    from webhook.cli import MESH_PRIVILEGED_PROXIES_ENV, add_mesh_privileged_proxies
+    add_mesh_privileged_proxies(parser, f"the webhook's --mesh-privileged-proxies (env {MESH_PRIVILEGED_PROXIES_ENV}"
+                                        "=true; default: off, Istio's privileged shape is unverifiable)")
     parser.set_defaults(func=run)

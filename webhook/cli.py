@@ -67,6 +67,34 @@ def check_istio_images(entries: tuple[str, ...], flag: str = "--accepted-istio-i
             raise ValueError(f"{flag} entry {entry!r} {problem}")
 
 
+MESH_PRIVILEGED_PROXIES_ENV = "BPFINIT_MESH_PRIVILEGED_PROXIES"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def add_mesh_privileged_proxies(parser, help_text: str) -> None:
+    """`--mesh-privileged-proxies` (a switch; its default is the env, read by `mesh_privileged_proxies`)."""
+    parser.add_argument("--mesh-privileged-proxies", action="store_const", const="true",
+                        default=os.environ.get(MESH_PRIVILEGED_PROXIES_ENV, ""), help=help_text)
+
+
+def mesh_privileged_proxies(value: str) -> bool:
+    """The `--mesh-privileged-proxies` / BPFINIT_MESH_PRIVILEGED_PROXIES value as a boolean; ValueError (one
+    line) for anything but 1/true/yes/on or 0/false/no/off/empty (any case)."""
+    word = (value or "").strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"{MESH_PRIVILEGED_PROXIES_ENV}={value!r} is not a boolean "
+                     "(true/false, 1/0, yes/no, on/off)")
+
+
+def privileged_without_images_warning(privileged: bool, istio_images: tuple[str, ...]) -> str | None:
+    """The start-up warning when privileged proxies are exempt but Istio's images are not checked."""
+    if not privileged or istio_images:
+        return None
+    return ("warning: --mesh-privileged-proxies is on without --accepted-istio-images: any container named "
+            "istio-init or istio-proxy with Istio's privileged shape is exempt whatever its image")
+
+
 def _add_serve(subparsers) -> None:
     from webhook import policy
     from webhook.mutate import DEFAULT_AGENT_IMAGE
@@ -98,6 +126,11 @@ def _add_serve(subparsers) -> None:
                             "separated, repeatable; a capture container with another image loses its exemptions "
                             "and an istio-init with another image is not swapped but refused (env "
                             "BPFINIT_ACCEPTED_ISTIO_IMAGES; default: none, Istio's images are not checked)")
+    add_mesh_privileged_proxies(
+        serve, "opt-in: the mesh sets Istio's values.global.proxy.privileged, so an istio-init / istio-proxy with "
+               "exactly that rendering (privileged: true and allowPrivilegeEscalation: true, nothing more than "
+               "the template grants) is exempt instead of unverifiable; combine it with --accepted-istio-images "
+               f"(env {MESH_PRIVILEGED_PROXIES_ENV}=true; default: off)")
     serve.add_argument("--service-name", default=_env("BPFINIT_WEBHOOK_SERVICE", DEFAULT_SERVICE),
                        help="Service name for the certificate SANs (default %(default)s)")
     serve.add_argument("--namespace", default=_env("BPFINIT_WEBHOOK_NAMESPACE", DEFAULT_NAMESPACE),
@@ -132,6 +165,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     istio_images = split_images(args.accepted_istio_images)
     try:
         check_istio_images(istio_images)
+        privileged = mesh_privileged_proxies(args.mesh_privileged_proxies)
     except ValueError as error:
         print(f"bpfinit-webhook: {error}", file=sys.stderr)
         return 2
@@ -143,10 +177,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     print(f"bpfinit-webhook: serving https://{args.host}:{args.port} with {paths.tls_cert} "
           f"(CA bundle: {paths.ca_cert})", file=sys.stderr)
+    warning = privileged_without_images_warning(privileged, istio_images)
+    if warning:
+        print(f"bpfinit-webhook: {warning}", file=sys.stderr)
     options = ServerOptions(host=args.host, port=args.port, cert_dir=str(paths.directory),
                             agent_image=args.agent_image,
                             accepted_agent_images=split_images(args.accepted_agent_images),
-                            accepted_istio_images=istio_images,
+                            accepted_istio_images=istio_images, mesh_privileged_proxies=privileged,
                             namespace=args.namespace, workers=args.workers,
                             threads=args.threads,
                             metrics_dir=args.metrics_dir, log_level=args.log_level, access_log=args.access_log)

@@ -49,6 +49,7 @@ class ServerOptions:
     agent_image: str = ""
     accepted_agent_images: tuple[str, ...] = ()   # besides agent_image (rolling upgrades)
     accepted_istio_images: tuple[str, ...] = ()   # opt-in: Istio's capture containers' images (empty: unchecked)
+    mesh_privileged_proxies: bool = False         # opt-in: Istio's privileged istio-init/istio-proxy shape is exempt
     namespace: str = "bpfinit-system"   # the webhook's own namespace: its pods are never mutated/policed
     workers: int = 2
     threads: int = 16
@@ -140,7 +141,8 @@ class WebhookServer(BaseApplication):
         return create_app(WebhookSettings(agent_image=self.options.agent_image, cert_dir=self.options.cert_dir,
                                           own_namespace=self.options.namespace,
                                           accepted_agent_images=tuple(self.options.accepted_agent_images),
-                                          accepted_istio_images=tuple(self.options.accepted_istio_images)),
+                                          accepted_istio_images=tuple(self.options.accepted_istio_images),
+                                          mesh_privileged_proxies=bool(self.options.mesh_privileged_proxies)),
                           policy_store=self.policy_store)
 
 

@@ -504,15 +504,20 @@ def _security(container: dict) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _show_grant(grant: _Grant) -> str:
+def _show_grant(grant: _Grant, mesh_privileged_proxies: bool = False) -> str:
     caps = ", ".join(sorted(grant.caps)) if grant.caps else "no capabilities"
+    if mesh_privileged_proxies and grant.proxy_privileged:
+        caps += "; privileged: true with allowPrivilegeEscalation: true, nothing more (--mesh-privileged-proxies)"
     return f"{grant.role}: {caps}"
 
 
 def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], proxy_gids: set[int],
-                        grants: dict[tuple[str, str], _Grant]) -> list[Finding]:
+                        grants: dict[tuple[str, str], _Grant],
+                        mesh_privileged_proxies: bool = False) -> list[Finding]:
     """Who runs as the proxy, who may rewrite the network. Capture containers are exempt only for what
-    their `grants` entry says; everything beyond is reported like any other container's."""
+    their `grants` entry says; everything beyond is reported like any other container's.
+    `mesh_privileged_proxies` (the webhook's opt-in --mesh-privileged-proxies): the mesh renders
+    values.global.proxy.privileged, so istio-init / istio-proxy with exactly that shape are exempt too."""
     spec, out = target.spec, []
     pod_security = spec.get("securityContext") or {}
     if not isinstance(pod_security, dict):
@@ -523,6 +528,7 @@ def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], pr
             grant = grants.get((list_name, name))
             path = f"{target.spec_path}.{list_name}[{index}].securityContext"
             security = _security(container)
+            off_template = False    # anything beyond the grant (even if the policy allows it)
             for key, ids, what in (("runAsUser", proxy_uids, "UID"), ("runAsGroup", proxy_gids, "GID")):
                 if grant is not None and grant.proxy_identity:
                     break
@@ -530,6 +536,7 @@ def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], pr
                 if value is None:
                     value, where = pod_security.get(key), f"{target.spec_path}.securityContext.{key}"
                 if isinstance(value, int) and value in ids:
+                    off_template = True
                     out.append(_vector(policy, "proxyIdentity", f'container "{name}"', f"{key} {value}",
                                        f"is the proxy {what}, so its traffic bypasses capture ({where})",
                                        (list_name, str(name))))
@@ -539,7 +546,14 @@ def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], pr
             added = {c.upper().removeprefix("CAP_") for c in caps if isinstance(c, str)}
             granted = sorted((added & _ADMIN_CAPS) - (grant.caps if grant else set()))
             if security.get("privileged") is True:
-                if grant is not None and grant.proxy_privileged and security.get("allowPrivilegeEscalation") is True:
+                istio_shape = (grant is not None and grant.proxy_privileged
+                               and security.get("allowPrivilegeEscalation") is True)
+                if istio_shape and mesh_privileged_proxies:
+                    # the webhook is told the mesh renders values.global.proxy.privileged: exactly that shape
+                    # (nothing else beyond the grant) is Istio's; with anything more, privileged is reported too
+                    if granted or off_template:
+                        granted.append("privileged")
+                elif istio_shape:
                     # Istio's shape for values.global.proxy.privileged=true, but the mesh setting is not in
                     # the pod: a hand-written container of this name looks exactly the same
                     out.append(_unverifiable(
@@ -551,7 +565,7 @@ def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], pr
             if granted:
                 effect = f"can rewrite the pod's network and capture ({path})"
                 if grant is not None:
-                    effect = f"is more than {_show_grant(grant)}, and {effect}"
+                    effect = f"is more than {_show_grant(grant, mesh_privileged_proxies)}, and {effect}"
                 out.append(_vector(policy, "netAdmin", f'container "{name}"', "+".join(granted), effect,
                                    (list_name, str(name))))
     return [f for f in out if f is not None]
@@ -581,10 +595,12 @@ def _untrusted_istio_finding(policy: Policy, list_name: str, index: int, contain
 
 def pod_findings(target: Target, resolution: Resolution, settings: Settings,
                  agent_images: tuple[str, ...] = DEFAULT_AGENT_IMAGES,
-                 istio_images: tuple[str, ...] = ()) -> list[Finding]:
+                 istio_images: tuple[str, ...] = (), mesh_privileged_proxies: bool = False) -> list[Finding]:
     """Every bypass in the pod (template) that `resolution.policy` does not allow. `agent_images`: the
     images a container running bpfinit-agent must carry to be the webhook's own. `istio_images` (opt-in,
-    empty: not checked): the images Istio's capture containers must carry to get their exemptions."""
+    empty: not checked): the images Istio's capture containers must carry to get their exemptions.
+    `mesh_privileged_proxies` (opt-in): the mesh sets values.global.proxy.privileged, so istio-init /
+    istio-proxy with exactly Istio's privileged shape are exempt (off: that shape is unverifiable)."""
     policy = resolution.policy
     meta, spec = target.meta, target.spec
     annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
@@ -696,7 +712,7 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings,
     for key, ids in (("runAsUser", proxy_uids), ("runAsGroup", proxy_gids)):
         if isinstance(proxy_security.get(key), int) and proxy_security[key] != 0:
             ids.add(proxy_security[key])
-    findings.extend(_container_findings(target, policy, proxy_uids, proxy_gids, grants))
+    findings.extend(_container_findings(target, policy, proxy_uids, proxy_gids, grants, mesh_privileged_proxies))
 
     # --- the kernel guard: present and no wider than the policy, or the bypass must not need it
     if agent_cap is not None:
@@ -725,7 +741,7 @@ def pod_findings(target: Target, resolution: Resolution, settings: Settings,
 # ----------------------------------------------------------------------------------------------------
 def evaluate(obj: Any, namespace: str, policy_set: PolicySet, kind: Optional[str] = None,
              agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES,
-             istio_images: Iterable[str] = ()) -> Optional[Evaluation]:
+             istio_images: Iterable[str] = (), mesh_privileged_proxies: bool = False) -> Optional[Evaluation]:
     """Findings for one object under the current policy (None: not a pod or workload)."""
     target = extract_target(obj, namespace, kind)
     if target is None:
@@ -735,7 +751,8 @@ def evaluate(obj: Any, namespace: str, policy_set: PolicySet, kind: Optional[str
     if resolution.policy is None:
         return Evaluation(target, resolution, [])
     return Evaluation(target, resolution, pod_findings(target, resolution, policy_set.settings,
-                                                       tuple(agent_images), tuple(istio_images)))
+                                                       tuple(agent_images), tuple(istio_images),
+                                                       bool(mesh_privileged_proxies)))
 
 
 def _warnings(findings: list[Finding], ref: str, mode: str, prefix: str = "") -> list[str]:
@@ -756,11 +773,12 @@ def _labels(ref: str, mode: str, reason: str) -> dict:
 
 
 def validate_review(request: Any, policy_store, agent_images: Iterable[str] = DEFAULT_AGENT_IMAGES,
-                    istio_images: Iterable[str] = ()) -> Decision:
+                    istio_images: Iterable[str] = (), mesh_privileged_proxies: bool = False) -> Decision:
     """AdmissionReview.request -> Decision. Denials are allowed=False, code 403; a malformed request
     is allowed=False, code 400 with the field named; nothing here raises. `agent_images`: the images
     the webhook's own agent may carry (its --agent-image and --accepted-agent-images); `istio_images`:
-    its --accepted-istio-images (empty: Istio's images are not checked)."""
+    its --accepted-istio-images (empty: Istio's images are not checked); `mesh_privileged_proxies`: its
+    --mesh-privileged-proxies (Istio's privileged istio-init / istio-proxy shape is exempt)."""
     agent_images, istio_images = tuple(agent_images), clean_images(tuple(istio_images))
     policy_set = policy_store.current() if hasattr(policy_store, "current") else (policy_store or PolicySet())
     if not isinstance(request, dict):
@@ -771,11 +789,13 @@ def validate_review(request: Any, policy_store, agent_images: Iterable[str] = DE
         return Decision(True, 200, "", [], _labels("none", "none", "notEvaluated"))
     namespace = request.get("namespace") or ""
     try:
-        evaluation = evaluate(request.get("object"), namespace, policy_set, kind, agent_images, istio_images)
+        evaluation = evaluate(request.get("object"), namespace, policy_set, kind, agent_images, istio_images,
+                              mesh_privileged_proxies)
         old = None
         if operation == "UPDATE" and evaluation is not None and evaluation.findings \
                 and isinstance(request.get("oldObject"), dict):
-            old = evaluate(request["oldObject"], namespace, policy_set, kind, agent_images, istio_images)
+            old = evaluate(request["oldObject"], namespace, policy_set, kind, agent_images, istio_images,
+                           mesh_privileged_proxies)
     except ObjectError as err:
         return Decision(False, 400, f"cannot evaluate egress policy: {err}", [],
                         _labels("none", "none", "badRequest"))

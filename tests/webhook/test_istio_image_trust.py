@@ -131,7 +131,7 @@ def test_the_app_refuses_with_422_and_passes_the_list_to_the_validator(monkeypat
     monkeypatch.setattr(validate, "validate_review", spy)
     app = create_app(WebhookSettings(agent_image=AGENT, accepted_istio_images=(" ", *MESH)))
     app.test_client().post("/validate", json=pod_create_review(golden()))
-    assert seen == {"agent_images": (AGENT,), "istio_images": MESH}
+    assert seen == {"agent_images": (AGENT,), "istio_images": MESH, "mesh_privileged_proxies": False}
 
 
 def test_cli_reads_accepted_istio_images(monkeypatch):
