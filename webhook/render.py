@@ -76,6 +76,7 @@ class RenderOptions:
     agent_image: str | None = None         # image for the swapped init container; defaults to `image`
     accepted_agent_images: tuple[str, ...] = ()   # more agent images the webhook accepts (rolling upgrades)
     accepted_istio_images: tuple[str, ...] = ()   # opt-in: Istio's capture containers' images (REPO:* allowed)
+    mesh_privileged_proxies: bool = False         # opt-in: the mesh sets Istio's values.global.proxy.privileged
     log_level: str = "info"
     extra_labels: dict = field(default_factory=dict)
 
@@ -260,6 +261,8 @@ def _webhook_container(opts: RenderOptions) -> dict:
             # opt-in (docs/webhook.md "Istio image trust"): without it Istio's images are not checked
             *([{"name": "BPFINIT_ACCEPTED_ISTIO_IMAGES", "value": ",".join(opts.accepted_istio_images)}]
               if opts.accepted_istio_images else []),
+            # opt-in (docs/webhook.md "Privileged proxies"): without it Istio's privileged shape is unverifiable
+            *([{"name": "BPFINIT_MESH_PRIVILEGED_PROXIES", "value": "true"}] if opts.mesh_privileged_proxies else []),
             # gunicorn workers share metrics through files; the root filesystem is read-only.
             {"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/metrics"},
             {"name": "HOME", "value": "/tmp"},
@@ -672,6 +675,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="opt-in: an image Istio's istio-init / istio-validation / istio-proxy may carry, exact or "
                         "REPOSITORY:* for any tag or digest (repeatable; env BPFINIT_ACCEPTED_ISTIO_IMAGES; "
                         "default: Istio's images are not checked)")
+    p.add_argument("--mesh-privileged-proxies", action="store_true",
+                   help="opt-in: the mesh sets Istio's values.global.proxy.privileged, so Istio's privileged "
+                        "istio-init / istio-proxy shape is exempt; combine with --accepted-istio-image "
+                        "(env BPFINIT_MESH_PRIVILEGED_PROXIES; default: off)")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     p.add_argument("--certs", choices=CERT_MODES, default="builtin",
                    help="builtin: the webhook makes its own CA; cert-manager: Certificate + cainjector")
@@ -706,7 +713,8 @@ def run(args: argparse.Namespace) -> int:
         example_docs = load_example_docs() if args.sample_policy and not args.no_sample_policy else []
         opts = RenderOptions(image=args.image, agent_image=args.agent_image,
                              accepted_agent_images=tuple(args.accepted_agent_images),
-                             accepted_istio_images=tuple(args.accepted_istio_images), namespace=args.namespace,
+                             accepted_istio_images=tuple(args.accepted_istio_images),
+                             mesh_privileged_proxies=args.mesh_privileged_proxies, namespace=args.namespace,
                              certs=args.certs, rollout=args.rollout, replicas=args.replicas,
                              extra_excluded_namespaces=tuple(args.exclude), exporter=not args.no_exporter,
                              log_level=args.log_level)

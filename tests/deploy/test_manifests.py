@@ -506,6 +506,26 @@ def test_cli_renders_accepted_istio_images_for_the_server():
     assert "BPFINIT_ACCEPTED_ISTIO_IMAGES" not in webhook_env()
 
 
+def test_cli_renders_mesh_privileged_proxies_for_the_server():
+    """The opt-in switch reaches `serve` as BPFINIT_MESH_PRIVILEGED_PROXIES=true, alongside the Istio image list it
+    should come with; without it, no env at all (Istio's privileged shape then stays unverifiable)."""
+    def webhook_env(*extra):
+        proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        (deploy,) = [d for d in yaml.safe_load_all(proc.stdout)
+                     if d and d["kind"] == "Deployment" and d["metadata"]["name"] == render.WEBHOOK_NAME]
+        container = next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "webhook")
+        return {e["name"]: e.get("value") for e in container["env"]}
+    env = webhook_env("--mesh-privileged-proxies", "--accepted-istio-image=docker.io/istio/proxyv2:*")
+    assert env["BPFINIT_MESH_PRIVILEGED_PROXIES"] == "true"
+    assert env["BPFINIT_ACCEPTED_ISTIO_IMAGES"] == "docker.io/istio/proxyv2:*"
+    assert "BPFINIT_MESH_PRIVILEGED_PROXIES" not in webhook_env()
+    # what serve makes of the rendered value
+    from webhook.cli import mesh_privileged_proxies
+    assert mesh_privileged_proxies(env["BPFINIT_MESH_PRIVILEGED_PROXIES"]) is True
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--namespace=Bad_NS"], "not a valid namespace name"),
     (["--replicas=0"], "between 1 and 50"),
