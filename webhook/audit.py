@@ -183,11 +183,9 @@ def _in_cluster() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from webhook.cli import check_istio_images, mesh_privileged_proxies, split_images
-    istio_images = split_images(args.accepted_istio_images)
+    from webhook.cli import capture_trust_settings, split_images
     try:
-        check_istio_images(istio_images)
-        privileged = mesh_privileged_proxies(args.mesh_privileged_proxies)
+        istio_images, privileged = capture_trust_settings(args)
     except ValueError as err:
         print(f"bpfinit-webhook audit: {err}", file=sys.stderr)
         return 2

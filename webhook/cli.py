@@ -87,6 +87,14 @@ def mesh_privileged_proxies(value: str) -> bool:
                      "(true/false, 1/0, yes/no, on/off)")
 
 
+def capture_trust_settings(args) -> tuple[tuple[str, ...], bool]:
+    """--accepted-istio-images and --mesh-privileged-proxies of `serve` or `audit`, checked; ValueError
+    (one line) names a bad value."""
+    istio_images = split_images(args.accepted_istio_images)
+    check_istio_images(istio_images)
+    return istio_images, mesh_privileged_proxies(args.mesh_privileged_proxies)
+
+
 def privileged_without_images_warning(privileged: bool, istio_images: tuple[str, ...]) -> str | None:
     """The start-up warning when privileged proxies are exempt but Istio's images are not checked."""
     if not privileged or istio_images:
@@ -162,10 +170,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     except policy.PolicyError as error:
         print(f"bpfinit-webhook: {error}", file=sys.stderr)
         return 2
-    istio_images = split_images(args.accepted_istio_images)
     try:
-        check_istio_images(istio_images)
-        privileged = mesh_privileged_proxies(args.mesh_privileged_proxies)
+        istio_images, privileged = capture_trust_settings(args)
     except ValueError as error:
         print(f"bpfinit-webhook: {error}", file=sys.stderr)
         return 2

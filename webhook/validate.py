@@ -571,26 +571,30 @@ def _container_findings(target: Target, policy: Policy, proxy_uids: set[int], pr
     return [f for f in out if f is not None]
 
 
-def _untrusted_agent_finding(policy: Policy, index: int, container: dict, spec_path: str,
-                             agent_images: tuple[str, ...]) -> Optional[Finding]:
+def _untrusted_image_finding(policy: Policy, subject: str, list_name: str, index: int, container: dict,
+                             spec_path: str, why: str) -> Optional[Finding]:
+    """untrustedCaptureImage for container `index` of `list_name`; `subject` is how the message names it."""
     name, image = container.get("name", f"#{index}"), container.get("image")
     shown = f'"{image}"' if isinstance(image, str) and image else "(no image)"
-    return _vector(policy, "untrustedCaptureImage", f'init container "{name}"', f"image {shown}",
-                   f"runs bpfinit-agent but is not an accepted bpfinit agent image [{', '.join(agent_images)}]: "
-                   "only the bpfinit webhook puts the agent in place, so this container is not ours and gets "
-                   f"none of the agent's exemptions ({spec_path}.initContainers[{index}].image)",
-                   ("initContainers", str(name)))
+    return _vector(policy, "untrustedCaptureImage", f'{subject} "{name}"', f"image {shown}",
+                   f"{why} ({spec_path}.{list_name}[{index}].image)", (list_name, str(name)))
+
+
+def _untrusted_agent_finding(policy: Policy, index: int, container: dict, spec_path: str,
+                             agent_images: tuple[str, ...]) -> Optional[Finding]:
+    return _untrusted_image_finding(
+        policy, "init container", "initContainers", index, container, spec_path,
+        f"runs bpfinit-agent but is not an accepted bpfinit agent image [{', '.join(agent_images)}]: only the "
+        "bpfinit webhook puts the agent in place, so this container is not ours and gets none of the agent's "
+        "exemptions")
 
 
 def _untrusted_istio_finding(policy: Policy, list_name: str, index: int, container: dict, spec_path: str,
                              istio_images: tuple[str, ...]) -> Optional[Finding]:
-    name, image = container.get("name", f"#{index}"), container.get("image")
-    shown = f'"{image}"' if isinstance(image, str) and image else "(no image)"
-    return _vector(policy, "untrustedCaptureImage", f'container "{name}"', f"image {shown}",
-                   f"is not one of the webhook's --accepted-istio-images [{', '.join(istio_images)}]: only Istio's "
-                   "own capture containers get their exemptions, so this container gets none of them "
-                   f"({spec_path}.{list_name}[{index}].image)",
-                   (list_name, str(name)))
+    return _untrusted_image_finding(
+        policy, "container", list_name, index, container, spec_path,
+        f"is not one of the webhook's --accepted-istio-images [{', '.join(istio_images)}]: only Istio's own "
+        "capture containers get their exemptions, so this container gets none of them")
 
 
 def pod_findings(target: Target, resolution: Resolution, settings: Settings,
