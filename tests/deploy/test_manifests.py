@@ -471,34 +471,30 @@ def test_cli_sample_policy_adds_the_example_with_its_namespace():
     assert sample["metadata"]["namespace"] in namespaces
 
 
+def webhook_env(*extra: str) -> dict:
+    """The webhook container's env in `bpfinit-webhook manifests *extra`."""
+    proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (deploy,) = [d for d in yaml.safe_load_all(proc.stdout)
+                 if d and d["kind"] == "Deployment" and d["metadata"]["name"] == render.WEBHOOK_NAME]
+    container = next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "webhook")
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
 def test_cli_renders_accepted_agent_images_for_the_server(tmp_path):
     """The rolling-upgrade list reaches `serve` as BPFINIT_ACCEPTED_AGENT_IMAGES; without it, no env at all
     (the server then accepts exactly BPFINIT_AGENT_IMAGE)."""
-    def webhook_env(*extra):
-        proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", "--agent-image=reg/agent:2", *extra],
-                              cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        (deploy,) = [d for d in yaml.safe_load_all(proc.stdout)
-                     if d and d["kind"] == "Deployment" and d["metadata"]["name"] == render.WEBHOOK_NAME]
-        container = next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "webhook")
-        return {e["name"]: e.get("value") for e in container["env"]}
-    env = webhook_env("--accepted-agent-image=reg/agent:1", "--accepted-agent-image=reg/agent@sha256:" + "a" * 64)
+    env = webhook_env("--agent-image=reg/agent:2", "--accepted-agent-image=reg/agent:1",
+                      "--accepted-agent-image=reg/agent@sha256:" + "a" * 64)
     assert env["BPFINIT_AGENT_IMAGE"] == "reg/agent:2"
     assert env["BPFINIT_ACCEPTED_AGENT_IMAGES"] == "reg/agent:1,reg/agent@sha256:" + "a" * 64
-    assert "BPFINIT_ACCEPTED_AGENT_IMAGES" not in webhook_env()
+    assert "BPFINIT_ACCEPTED_AGENT_IMAGES" not in webhook_env("--agent-image=reg/agent:2")
 
 
 def test_cli_renders_accepted_istio_images_for_the_server():
     """The opt-in Istio image list reaches `serve` as BPFINIT_ACCEPTED_ISTIO_IMAGES (exact and REPOSITORY:*
     entries); without it, no env at all (Istio's images are then not checked)."""
-    def webhook_env(*extra):
-        proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", *extra],
-                              cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        (deploy,) = [d for d in yaml.safe_load_all(proc.stdout)
-                     if d and d["kind"] == "Deployment" and d["metadata"]["name"] == render.WEBHOOK_NAME]
-        container = next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "webhook")
-        return {e["name"]: e.get("value") for e in container["env"]}
     env = webhook_env("--accepted-istio-image=docker.io/istio/proxyv2:*",
                       "--accepted-istio-image=mirror.example/istio/proxyv2@sha256:" + "b" * 64)
     assert env["BPFINIT_ACCEPTED_ISTIO_IMAGES"] == "docker.io/istio/proxyv2:*,mirror.example/istio/proxyv2@sha256:" \
@@ -509,14 +505,6 @@ def test_cli_renders_accepted_istio_images_for_the_server():
 def test_cli_renders_mesh_privileged_proxies_for_the_server():
     """The opt-in switch reaches `serve` as BPFINIT_MESH_PRIVILEGED_PROXIES=true, alongside the Istio image list it
     should come with; without it, no env at all (Istio's privileged shape then stays unverifiable)."""
-    def webhook_env(*extra):
-        proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", *extra],
-                              cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        (deploy,) = [d for d in yaml.safe_load_all(proc.stdout)
-                     if d and d["kind"] == "Deployment" and d["metadata"]["name"] == render.WEBHOOK_NAME]
-        container = next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "webhook")
-        return {e["name"]: e.get("value") for e in container["env"]}
     env = webhook_env("--mesh-privileged-proxies", "--accepted-istio-image=docker.io/istio/proxyv2:*")
     assert env["BPFINIT_MESH_PRIVILEGED_PROXIES"] == "true"
     assert env["BPFINIT_ACCEPTED_ISTIO_IMAGES"] == "docker.io/istio/proxyv2:*"
