@@ -121,3 +121,20 @@ def decode_patch(answer: dict) -> list | None:
     if "patch" not in response:
         return None
     return json.loads(base64.b64decode(response["patch"]))
+
+
+def validator_options(monkeypatch, settings, pod: dict) -> dict:
+    """The keyword options create_app(settings) passes to validate_review for one /validate of `pod`
+    (the real validator still answers; this only records what the app handed it)."""
+    from webhook import validate
+    from webhook.app import create_app
+    from tests.webhook.istio_pods import pod_create_review
+    seen: dict = {}
+    real = validate.validate_review
+
+    def recording(request, store, **options):
+        seen.update(options)
+        return real(request, store, **options)
+    monkeypatch.setattr(validate, "validate_review", recording)
+    create_app(settings).test_client().post("/validate", json=pod_create_review(pod))
+    return seen

@@ -9,7 +9,7 @@ import subprocess
 import jsonpatch
 import pytest
 
-from tests.webhook.conftest import WEBHOOK_BIN
+from tests.webhook.conftest import WEBHOOK_BIN, validator_options
 from tests.webhook.istio_pods import INJECTED, injected_files, pod_create_review, pods_in_file
 from webhook.app import WebhookSettings, create_app
 from webhook.mutate import MutationSettings, mutate
@@ -121,16 +121,8 @@ def test_the_app_refuses_with_422_and_passes_the_list_to_the_validator(monkeypat
     assert answer["status"]["message"].startswith(f'bpfinit: init container "istio-init" has image "{ATTACKER}"')
     assert "patch" in client.post("/mutate", json=pod_create_review(golden())).get_json()["response"]
     # the validator is given the same list, cleaned
-    from webhook import validate
-    seen = {}
-    real = validate.validate_review
-
-    def spy(request, store, **options):
-        seen.update(options)
-        return real(request, store, **options)
-    monkeypatch.setattr(validate, "validate_review", spy)
-    app = create_app(WebhookSettings(agent_image=AGENT, accepted_istio_images=(" ", *MESH)))
-    app.test_client().post("/validate", json=pod_create_review(golden()))
+    seen = validator_options(monkeypatch, WebhookSettings(agent_image=AGENT, accepted_istio_images=(" ", *MESH)),
+                             golden())
     assert seen == {"agent_images": (AGENT,), "istio_images": MESH, "mesh_privileged_proxies": False}
 
 

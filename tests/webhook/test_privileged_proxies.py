@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.webhook.conftest import WEBHOOK_BIN, start_server
+from tests.webhook.conftest import WEBHOOK_BIN, start_server, validator_options
 from tests.webhook.istio_pods import INJECTED, pod_create_review, pods_in_file
 from webhook import cli
 from webhook.app import WebhookSettings, create_app
@@ -77,16 +77,8 @@ def test_a_value_that_is_not_a_boolean_is_refused(tmp_path, command):
 # ---- the app passes it to the validator ------------------------------------------------------------------
 @pytest.mark.parametrize("on", [False, True])
 def test_the_app_passes_the_setting_to_the_validator(monkeypatch, on):
-    from webhook import validate
-    seen = {}
-    real = validate.validate_review
-
-    def spy(request, store, **options):
-        seen.update(options)
-        return real(request, store, **options)
-    monkeypatch.setattr(validate, "validate_review", spy)
-    app = create_app(WebhookSettings(agent_image=AGENT, mesh_privileged_proxies=on))
-    app.test_client().post("/validate", json=pod_create_review(privileged_pod()))
+    seen = validator_options(monkeypatch, WebhookSettings(agent_image=AGENT, mesh_privileged_proxies=on),
+                             privileged_pod())
     assert seen == {"agent_images": (AGENT,), "istio_images": (), "mesh_privileged_proxies": on}
 
 
