@@ -132,6 +132,16 @@ def _parts_from_env():
     return loader.parts_from_env()
 
 
+def _gc_interval(text: str) -> float:
+    """--every (argparse turns the error into one line, exit 2)."""
+    import argparse
+    from initagent import flags
+    try:
+        return flags.parse_gc_interval(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 # Options of the other subcommands; each subcommand's parser has only its own (SUBCOMMAND_OPTIONS).
 _OPTIONS = {
     "--bpffs": dict(default="/sys/fs/bpf", metavar="DIR", help="bpffs where bpfinit's pins live "
@@ -142,11 +152,14 @@ _OPTIONS = {
                            "(default: BPFINIT_CGROUP2_ROOT, else /sys/fs/cgroup[/unified]); a directory that "
                            "is not a cgroup v2 root is refused"),
     "--all": dict(action="store_true", help="counters of every pod on the node"),
+    "--every": dict(default=None, metavar="DURATION", type=_gc_interval,
+                    help="run gc every DURATION (Go syntax: 10m, 1h30m; at least 10s) until SIGTERM/SIGINT "
+                    "(then exit 0); a failed round is reported on stderr and the next round runs"),
 }
 SUBCOMMAND_OPTIONS = {
     "status": ("--json", "--bpffs", "--netns", "--all"),
     "cleanup": ("--bpffs", "--netns"),
-    "gc": ("--json", "--bpffs", "--cgroup2-root"),
+    "gc": ("--json", "--bpffs", "--cgroup2-root", "--every"),
     "doctor": ("--json", "--bpffs"),
 }
 _DESCRIPTIONS = {
@@ -218,19 +231,50 @@ def cmd_status(argv: list[str]) -> int:
 
 
 def cmd_gc(argv: list[str]) -> int:
-    from initagent import gc
     args, code = _own_args(argv, "gc")
     if args is None:
         return code
+    if args.every is None:
+        return _gc_round(args)
+    return _gc_every(args)
+
+
+def _gc_round(args) -> int:
+    """One gc: the report on stdout; a failure or refusal one line on stderr and exit 1."""
+    from initagent import gc
     try:
         report = gc.collect(args.bpffs, args.cgroup2_root or None)
     except (OSError, RuntimeError) as err:
         return _err(f"gc failed: {err}")
     print(json.dumps(report, sort_keys=True) if args.json else
           f"bpfinit-agent: gc removed {report['pods_removed']} dead pods, {report['entries_removed']} entries, "
-          f"{report['dirs_removed']} stale pin dirs")
+          f"{report['dirs_removed']} stale pin dirs", flush=True)
     if report.get("refused"):
         return _err(f"gc refused: {report['refused']}")
+    return 0
+
+
+def _gc_every(args) -> int:
+    """gc --every: a round, then sleep, until SIGTERM/SIGINT (exit 0, also mid-sleep). A failed round
+    (gc failed/refused) is reported on stderr like a single gc and the loop goes on: the node keeps
+    being collected once the cause (a bpffs not mounted yet, a refused walk) goes away."""
+    import select
+    import signal
+    stopping = []
+    wake_r, wake_w = os.pipe()     # the signal's wakeup byte ends the sleep at once (no polling)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(1))
+    while not stopping:
+        try:
+            _gc_round(args)
+        except ValueError as err:   # a corrupt pin or map value: report it, try again next round
+            _err(f"gc failed: {err}")
+        deadline = time.monotonic() + args.every
+        while not stopping and (left := deadline - time.monotonic()) > 0:
+            if select.select([wake_r], [], [], left)[0]:
+                os.read(wake_r, 64)
     return 0
 
 

@@ -269,6 +269,20 @@ def parse_go_duration(value: str) -> float:
     return sign * total
 
 
+GC_MIN_INTERVAL_S = 10.0   # `gc --every`: rounds closer than this would only burn the node's CPU
+
+
+def parse_gc_interval(value: str) -> float:
+    """`bpfinit-agent gc --every` (and the manifests' gc container): a Go duration of at least 10s."""
+    try:
+        seconds = parse_go_duration(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a duration (e.g. 10m, 1h, 90s)") from None
+    if seconds < GC_MIN_INTERVAL_S:
+        raise ValueError(f"{value!r} is shorter than the minimum of {GC_MIN_INTERVAL_S:.0f}s")
+    return seconds
+
+
 def parse_go_uint(value: str, bits: int) -> int:
     """Go's strconv.ParseUint(value, 0, bits), what pflag's uint16 flags use: decimal, 0x/0o/0b prefixes,
     a leading 0 for octal, `_` between digits; no sign, no spaces."""
