@@ -36,6 +36,8 @@ MUTATE_PATH = "/mutate"
 VALIDATE_PATH = "/validate"
 HTTPS_PORT = 8443
 EXPORTER_PORT = 9965                         # initagent.exporter DEFAULT_LISTEN
+GC_EVERY = "10m"                             # the exporter DaemonSet's gc container: `bpfinit-agent gc --every`
+HOST_CGROUP_DIR = "/host/sys/fs/cgroup"      # the node's cgroup tree in the gc container (cgroup.CANDIDATE_ROOTS)
 OPT_IN_LABEL = "bpfinit.io/enabled"
 TLS_DIR = "/etc/bpfinit/tls"
 # Egress-policy settings (EgressBypassSettings: namespace modes, cluster policy namespace, ...) can only come
@@ -73,6 +75,7 @@ class RenderOptions:
     rollout: str = "enforce"               # "warn-first": validator fails open, policies in Warn
     extra_excluded_namespaces: tuple[str, ...] = ()
     exporter: bool = True
+    gc_every: str | None = GC_EVERY        # None: no gc container (dead pods' pins stay until gc runs)
     agent_image: str | None = None         # image for the swapped init container; defaults to `image`
     accepted_agent_images: tuple[str, ...] = ()   # more agent images the webhook accepts (rolling upgrades)
     accepted_istio_images: tuple[str, ...] = ()   # opt-in: Istio's capture containers' images (REPO:* allowed)
@@ -112,6 +115,12 @@ def check_options(opts: RenderOptions) -> None:
         raise RenderError(f"--rollout must be one of {', '.join(ROLLOUTS)}, not {opts.rollout!r}")
     if not 1 <= opts.replicas <= 50:
         raise RenderError(f"--replicas must be between 1 and 50, not {opts.replicas}")
+    if opts.gc_every is not None:
+        from initagent.flags import parse_gc_interval
+        try:
+            parse_gc_interval(opts.gc_every)
+        except ValueError as err:
+            raise RenderError(f"--gc-every: {err}") from None
     if opts.log_level not in ("debug", "info", "warning", "error"):
         raise RenderError(f"--log-level must be debug, info, warning or error, not {opts.log_level!r}")
 
@@ -424,11 +433,48 @@ def validating_webhook_configuration(opts: RenderOptions) -> dict:
             "metadata": _meta(VALIDATOR_CONFIG, "webhook", opts, namespaced=False), "webhooks": [hook]}
 
 
+def _gc_container(opts: RenderOptions) -> dict:
+    """`bpfinit-agent gc --every`: dead pods' pins and entries go without an operator scheduling gc.
+
+    Capabilities: only CAP_BPF. gc opens pinned maps and links (BPF_OBJ_GET), reads and deletes map
+    entries, reads link info (has the kernel released the cgroup?) and unlinks pins. The pins are root's
+    own 0600 files, so uid 0 without CAP_DAC_OVERRIDE may open and unlink them; kernels before 6.5 refuse
+    every bpf() command without CAP_BPF when kernel.unprivileged_bpf_disabled is set (the usual default),
+    so CAP_BPF is needed on the supported 5.15+ kernels. No CAP_SYS_ADMIN (no mounts, no bpffs
+    privileges beyond file permissions), no CAP_NET_ADMIN (nothing is attached or detached: unpinning a
+    link lets the kernel drop it), no CAP_PERFMON (no ring buffer). The node's cgroup v2 tree (liveness:
+    the pod cgroup ids) is mounted read-only at /host/sys/fs/cgroup, where gc's root detection finds it
+    (cgroup.CANDIDATE_ROOTS; on hybrid nodes /host/sys/fs/cgroup/unified): the container's own
+    /sys/fs/cgroup is a cgroup namespace's view, a sub-cgroup, which gc never takes for the root.
+    tests/agent/test_gc_every.py runs gc with CAP_BPF alone.
+    """
+    return {
+        "name": "gc",
+        "image": opts.agent_image or opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["bpfinit-agent", "gc"],
+        "args": [f"--every={opts.gc_every}", "--json", "--bpffs=/sys/fs/bpf"],
+        "resources": {"requests": {"cpu": "5m", "memory": "32Mi"}, "limits": {"memory": "96Mi"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "capabilities": {"drop": ["ALL"], "add": ["BPF"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
+                         {"name": "host-cgroup", "mountPath": HOST_CGROUP_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
 def exporter(opts: RenderOptions) -> list[dict]:
     """Per-node observer: reads the pinned counters/ring buffer and serves Prometheus metrics.
 
     It runs as root (bpffs pins are root-owned 0600) with only CAP_BPF + CAP_PERFMON, read-only root FS,
     no API token (pod identity comes from the pins, written by each pod's agent from the downward API).
+    Its second container, `gc`, removes the pins and entries of dead pods every `opts.gc_every`.
     """
     selector = _selector_labels("exporter")
     container = {
@@ -466,9 +512,12 @@ def exporter(opts: RenderOptions) -> list[dict]:
                     "automountServiceAccountToken": False,
                     "priorityClassName": "system-node-critical",
                     "tolerations": [{"operator": "Exists"}],   # every node that can run Istio pods
-                    "containers": [container],
+                    "containers": [container, *([_gc_container(opts)] if opts.gc_every else [])],
                     "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
-                                {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}],
+                                {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+                                *([{"name": "host-cgroup", "hostPath": {"path": "/sys/fs/cgroup",
+                                                                        "type": "Directory"}}]
+                                  if opts.gc_every else [])],
                 },
             },
         },
@@ -687,7 +736,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--exclude-namespace", action="append", default=[], dest="exclude",
                    help="another namespace neither webhook may see (repeatable)")
-    p.add_argument("--no-exporter", action="store_true", help="leave out the observer/exporter DaemonSet")
+    p.add_argument("--no-exporter", action="store_true",
+                   help="leave out the observer/exporter DaemonSet (and with it the per-node gc)")
+    p.add_argument("--gc-every", default=GC_EVERY, metavar="DURATION",
+                   help=f"how often the exporter DaemonSet's gc container collects dead pods' pins on each node "
+                        f"(Go duration, at least 10s; default {GC_EVERY})")
+    p.add_argument("--no-gc", action="store_true",
+                   help="leave out the gc container (then schedule `bpfinit-agent gc` on each node yourself)")
     p.add_argument("--sample-policy", action="store_true",
                    help="also render manifests/examples: the sample egress policy and its namespace")
     # Accepted for old scripts: the sample is no longer rendered unless asked for.
@@ -717,7 +772,7 @@ def run(args: argparse.Namespace) -> int:
                              mesh_privileged_proxies=args.mesh_privileged_proxies, namespace=args.namespace,
                              certs=args.certs, rollout=args.rollout, replicas=args.replicas,
                              extra_excluded_namespaces=tuple(args.exclude), exporter=not args.no_exporter,
-                             log_level=args.log_level)
+                             gc_every=None if args.no_gc else args.gc_every, log_level=args.log_level)
         text = dump_yaml(render(opts, crd_docs, example_docs))
     except RenderError as exc:
         print(f"bpfinit-webhook manifests: {exc}", file=sys.stderr)

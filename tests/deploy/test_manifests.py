@@ -398,12 +398,60 @@ def test_exporter_daemonset_has_only_bpf_capabilities():
     objs = kustomize("overlays/builtin-certs")
     ds = _only(objs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
-    (c,) = pod["containers"]
+    c, _gc = pod["containers"]
     assert c["command"] == ["bpfinit-agent", "exporter"]
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON"]}
     assert c["securityContext"]["readOnlyRootFilesystem"] is True and not c["securityContext"].get("privileged")
     assert pod["automountServiceAccountToken"] is False and not pod.get("hostNetwork") and not pod.get("hostPID")
+    assert {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v} == {
+        "bpffs": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"},
+        "host-cgroup": {"path": "/sys/fs/cgroup", "type": "Directory"}}
+    assert {m["name"] for m in c["volumeMounts"]} == {"bpffs", "tmp"}   # the exporter never sees the cgroup tree
+
+
+def test_every_node_runs_gc_every_10_minutes_with_cap_bpf_only():
+    """The exporter DaemonSet's second container collects dead pods' pins (tests/agent/test_gc_every.py
+    runs the same command with CAP_BPF alone)."""
+    from initagent import cgroup
+    for overlay in BUILDS:
+        pod = _only(kustomize(overlay), "DaemonSet")["spec"]["template"]["spec"]
+        (gc,) = [c for c in pod["containers"] if c["name"] == "gc"]
+        assert gc["image"] == pod["containers"][0]["image"] == render.DEFAULT_IMAGE, overlay
+        assert gc["command"] == ["bpfinit-agent", "gc"]
+        assert gc["args"] == ["--every=10m", "--json", "--bpffs=/sys/fs/bpf"]
+        sc = gc["securityContext"]
+        assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF"]}
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert not sc.get("privileged") and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert gc["resources"]["requests"]["cpu"] and gc["resources"]["limits"]["memory"]
+        assert "ports" not in gc
+        mounts = {m["mountPath"]: m for m in gc["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        bpffs = mounts["/sys/fs/bpf"]
+        assert volumes[bpffs["name"]]["hostPath"]["path"] == "/sys/fs/bpf" and not bpffs.get("readOnly")
+        assert bpffs["mountPropagation"] == "HostToContainer"    # a bpffs mounted after the pod started
+        cg = mounts[render.HOST_CGROUP_DIR]
+        assert cg["readOnly"] is True and volumes[cg["name"]]["hostPath"]["path"] == "/sys/fs/cgroup"
+        assert render.HOST_CGROUP_DIR in cgroup.CANDIDATE_ROOTS   # gc's root detection looks there
+
+
+def test_cli_gc_interval_and_no_gc():
+    def daemonset(*args):
+        proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return _only([d for d in yaml.safe_load_all(proc.stdout) if d], "DaemonSet")["spec"]["template"]["spec"]
+
+    (gc,) = [c for c in daemonset("--gc-every=1h")["containers"] if c["name"] == "gc"]
+    assert gc["args"][0] == "--every=1h"
+    pod = daemonset("--no-gc")
+    assert [c["name"] for c in pod["containers"]] == ["exporter"]
     assert [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v] == ["/sys/fs/bpf"]
+    for bad in ("5s", "soon"):
+        proc = subprocess.run([sys.executable, "-m", "webhook.cli", "manifests", f"--gc-every={bad}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+        assert "--gc-every" in proc.stderr
 
 
 # ---- RBAC: least privilege -----------------------------------------------------------------------
