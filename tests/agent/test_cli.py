@@ -35,10 +35,10 @@ def test_subcommands_reject_what_is_not_theirs(args):
 
 
 @pytest.mark.parametrize("command,own,foreign", [
-    ("gc", ["--json", "--bpffs", "--cgroup2-root"], ["--all", "--netns"]),
-    ("status", ["--json", "--bpffs", "--netns", "--all"], ["--cgroup2-root"]),
-    ("cleanup", ["--bpffs", "--netns"], ["--all", "--json", "--cgroup2-root"]),
-    ("doctor", ["--json", "--bpffs"], ["--all", "--netns", "--cgroup2-root"]),
+    ("gc", ["--json", "--bpffs", "--cgroup2-root", "--every"], ["--all", "--netns"]),
+    ("status", ["--json", "--bpffs", "--netns", "--all"], ["--cgroup2-root", "--every"]),
+    ("cleanup", ["--bpffs", "--netns"], ["--all", "--json", "--cgroup2-root", "--every"]),
+    ("doctor", ["--json", "--bpffs"], ["--all", "--netns", "--cgroup2-root", "--every"]),
 ])
 def test_subcommand_help_lists_only_its_options(command, own, foreign):
     r = run_agent([command, "--help"])
