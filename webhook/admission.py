@@ -105,9 +105,9 @@ def request_namespace(request: dict) -> str:
     return fallback if isinstance(fallback, str) else ""
 
 
-def protected_namespaces(own_namespace: str) -> frozenset[str]:
-    """kube-system and the webhook's own namespace: admitting there must never depend on us."""
-    return frozenset(n for n in (*ALWAYS_PROTECTED_NAMESPACES, own_namespace) if n)
+def protected_namespaces(own_namespace: str, node_namespace: str = "") -> frozenset[str]:
+    """kube-system, the webhook's own namespace and the node DaemonSet's: admitting there must never depend on us."""
+    return frozenset(n for n in (*ALWAYS_PROTECTED_NAMESPACES, own_namespace, node_namespace) if n)
 
 
 def is_pod_create(request: dict) -> bool:

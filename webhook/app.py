@@ -77,10 +77,11 @@ class WebhookSettings:
     mesh_privileged_proxies: bool = False
     cert_dir: str | None = None      # /readyz and the expiry gauge check the certificates here when set
     own_namespace: str = "bpfinit-system"   # where the webhook runs (`serve --namespace`)
+    node_namespace: str = "bpfinit-node"    # where the exporter/gc DaemonSet runs (`serve --node-namespace`)
 
     @property
     def protected_namespaces(self) -> frozenset[str]:
-        return admission.protected_namespaces(self.own_namespace)
+        return admission.protected_namespaces(self.own_namespace, self.node_namespace)
 
     @property
     def trusted_agent_images(self) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ DEFAULT_PORT = 8443
 DEFAULT_CERT_DIR = "run/certs"           # relative to the working directory: writable by the user
 DEFAULT_SERVICE = "bpfinit-webhook"
 DEFAULT_NAMESPACE = "bpfinit-system"
+DEFAULT_NODE_NAMESPACE = "bpfinit-node"
 
 # Modules that add subcommands (each with `register(subparsers)`).
 SUBCOMMAND_MODULES = ("webhook.manifests_cli", "webhook.audit", "webhook.cabundle")
@@ -145,6 +146,9 @@ def _add_serve(subparsers) -> None:
                        help="the webhook's own namespace: certificate SANs <svc>.<ns>.svc, and its pods (like "
                             "kube-system's) are never mutated or policed (env BPFINIT_WEBHOOK_NAMESPACE; "
                             "default %(default)s)")
+    serve.add_argument("--node-namespace", default=_env("BPFINIT_NODE_NAMESPACE", DEFAULT_NODE_NAMESPACE),
+                       help="the exporter/gc DaemonSet's namespace: its pods are never mutated or policed either "
+                            "(env BPFINIT_NODE_NAMESPACE; default %(default)s)")
     serve.add_argument("--extra-san", action="append", default=[],
                        help="additional DNS name or IP for a self-made certificate (repeatable)")
     serve.add_argument("--workers", type=_positive_int, default=_env("BPFINIT_WEBHOOK_WORKERS", "2"),
@@ -190,7 +194,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                             agent_image=args.agent_image,
                             accepted_agent_images=split_images(args.accepted_agent_images),
                             accepted_istio_images=istio_images, mesh_privileged_proxies=privileged,
-                            namespace=args.namespace, workers=args.workers,
+                            namespace=args.namespace, node_namespace=args.node_namespace,
+                            workers=args.workers,
                             threads=args.threads,
                             metrics_dir=args.metrics_dir, log_level=args.log_level, access_log=args.access_log)
     try:

@@ -22,6 +22,9 @@ import yaml
 
 # ---- names shared by the manifests, the webhook (cabundle.py) and the docs -------------------------
 DEFAULT_NAMESPACE = "bpfinit-system"
+# The node components (exporter + gc DaemonSet) need hostPath volumes, uid 0 and CAP_BPF: Pod Security
+# `privileged`. They get their own namespace so the webhook's stays `restricted`.
+DEFAULT_NODE_NAMESPACE = "bpfinit-node"
 DEFAULT_IMAGE = "ghcr.io/bpfinit/bpfinit:0.1.0"
 WEBHOOK_NAME = "bpfinit-webhook"            # Deployment, Service, ServiceAccount, ClusterRole
 EXPORTER_NAME = "bpfinit-exporter"          # DaemonSet + ServiceAccount
@@ -70,6 +73,7 @@ class RenderError(ValueError):
 class RenderOptions:
     image: str = DEFAULT_IMAGE
     namespace: str = DEFAULT_NAMESPACE
+    node_namespace: str = DEFAULT_NODE_NAMESPACE   # the exporter/gc DaemonSet's (Pod Security privileged)
     certs: str = "builtin"                 # "none" is the bare kustomize base
     replicas: int = 3
     rollout: str = "enforce"               # "warn-first": validator fails open, policies in Warn
@@ -92,6 +96,11 @@ def check_options(opts: RenderOptions) -> None:
     """Raise RenderError with a one-line reason for options that would render an unusable set."""
     if not _DNS1123_LABEL.match(opts.namespace):
         raise RenderError(f"--namespace {opts.namespace!r} is not a valid namespace name (RFC 1123 label)")
+    if not _DNS1123_LABEL.match(opts.node_namespace):
+        raise RenderError(f"--node-namespace {opts.node_namespace!r} is not a valid namespace name (RFC 1123 label)")
+    if opts.node_namespace == opts.namespace:
+        raise RenderError(f"--node-namespace must differ from --namespace ({opts.namespace!r}): the node "
+                          f"DaemonSet needs Pod Security 'privileged', the webhook's namespace is 'restricted'")
     for ns in opts.extra_excluded_namespaces:
         if not _DNS1123_LABEL.match(ns):
             raise RenderError(f"--exclude-namespace {ns!r} is not a valid namespace name (RFC 1123 label)")
@@ -138,6 +147,10 @@ def _meta(name: str, component: str, opts: RenderOptions, namespaced: bool = Tru
     return meta
 
 
+def _node_meta(name: str, component: str, opts: RenderOptions) -> dict:
+    return {"name": name, "labels": _labels(component, opts), "namespace": opts.node_namespace}
+
+
 def _selector_labels(component: str) -> dict:
     # Selector labels never include user extras: a Deployment's selector is immutable.
     return {"app.kubernetes.io/name": "bpfinit", "app.kubernetes.io/component": component}
@@ -156,8 +169,9 @@ def _restricted_container_security(uid: int | None = WEBHOOK_UID) -> dict:
 
 
 def excluded_namespaces(opts: RenderOptions) -> list[str]:
-    """Namespaces neither webhook may ever see: kube-system, our own (self-deadlock), extras."""
-    names = ["kube-system", opts.namespace, *opts.extra_excluded_namespaces]
+    """Namespaces neither webhook may ever see: kube-system, our own two (self-deadlock: the webhook's, and the
+    node DaemonSet's, whose pods must start whether or not the webhook is up), extras."""
+    names = ["kube-system", opts.namespace, opts.node_namespace, *opts.extra_excluded_namespaces]
     if opts.certs == "cert-manager":
         # Our validator fails closed; cert-manager must be able to start its pods even when we are down,
         # since we need it to (re)issue our certificate: no dependency loop.
@@ -193,6 +207,17 @@ def namespace(opts: RenderOptions) -> dict:
         **_labels("namespace", opts),
         # The webhook itself runs here: restricted Pod Security, and never Istio-injected.
         "pod-security.kubernetes.io/enforce": "restricted",
+        "istio-injection": "disabled",
+    }}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
+
+
+def node_namespace(opts: RenderOptions) -> dict:
+    """The exporter/gc DaemonSet's namespace: hostPath (bpffs, cgroup tree), uid 0 and CAP_BPF/CAP_PERFMON
+    are outside Pod Security `baseline`, so it is `privileged`, and it holds nothing else."""
+    meta = {"name": opts.node_namespace, "labels": {
+        **_labels("namespace", opts),
+        "pod-security.kubernetes.io/enforce": "privileged",
         "istio-injection": "disabled",
     }}
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
@@ -257,9 +282,11 @@ def _webhook_container(opts: RenderOptions) -> dict:
         "imagePullPolicy": "IfNotPresent",
         "command": ["bpfinit-webhook", "serve"],
         # --service-name/--namespace only matter when the server has to make its own certificate (base).
-        # --namespace: certificate SANs (base), and the namespace whose pods the handlers leave alone.
+        # --namespace: certificate SANs (base), and the namespace whose pods the handlers leave alone;
+        # --node-namespace: the exporter DaemonSet's, left alone too.
         "args": [f"--port={HTTPS_PORT}", f"--cert-dir={TLS_DIR}", f"--service-name={WEBHOOK_NAME}",
-                 f"--namespace={opts.namespace}", f"--log-level={opts.log_level}",
+                 f"--namespace={opts.namespace}", f"--node-namespace={opts.node_namespace}",
+                 f"--log-level={opts.log_level}",
                  f"--policy={POLICY_DIR}/{POLICY_FILE_KEY}", "--policy-crds=on"],
         "env": [
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -475,6 +502,8 @@ def exporter(opts: RenderOptions) -> list[dict]:
     It runs as root (bpffs pins are root-owned 0600) with only CAP_BPF + CAP_PERFMON, read-only root FS,
     no API token (pod identity comes from the pins, written by each pod's agent from the downward API).
     Its second container, `gc`, removes the pins and entries of dead pods every `opts.gc_every`.
+    hostPath volumes and uid 0 are Pod Security `privileged`: the DaemonSet, its ServiceAccount and their
+    namespace (`opts.node_namespace`, never the webhook's restricted one) are this file's objects.
     """
     selector = _selector_labels("exporter")
     container = {
@@ -499,7 +528,7 @@ def exporter(opts: RenderOptions) -> list[dict]:
                          {"name": "tmp", "mountPath": "/tmp"}],
     }
     ds = {
-        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _meta(EXPORTER_NAME, "exporter", opts),
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _node_meta(EXPORTER_NAME, "exporter", opts),
         "spec": {
             "selector": {"matchLabels": selector},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
@@ -522,9 +551,9 @@ def exporter(opts: RenderOptions) -> list[dict]:
             },
         },
     }
-    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(EXPORTER_NAME, "exporter", opts),
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _node_meta(EXPORTER_NAME, "exporter", opts),
           "automountServiceAccountToken": False}
-    return [sa, ds]
+    return [node_namespace(opts), sa, ds]
 
 
 # ---- cert modes and rollout ------------------------------------------------------------------------
@@ -729,6 +758,8 @@ def _parser() -> argparse.ArgumentParser:
                         "istio-init / istio-proxy shape is exempt; combine with --accepted-istio-image "
                         "(env BPFINIT_MESH_PRIVILEGED_PROXIES; default: off)")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    p.add_argument("--node-namespace", default=DEFAULT_NODE_NAMESPACE,
+                   help="namespace of the exporter/gc DaemonSet (Pod Security privileged; default %(default)s)")
     p.add_argument("--certs", choices=CERT_MODES, default="builtin",
                    help="builtin: the webhook makes its own CA; cert-manager: Certificate + cainjector")
     p.add_argument("--rollout", choices=ROLLOUTS, default="enforce",
@@ -770,6 +801,7 @@ def run(args: argparse.Namespace) -> int:
                              accepted_agent_images=tuple(args.accepted_agent_images),
                              accepted_istio_images=tuple(args.accepted_istio_images),
                              mesh_privileged_proxies=args.mesh_privileged_proxies, namespace=args.namespace,
+                             node_namespace=args.node_namespace,
                              certs=args.certs, rollout=args.rollout, replicas=args.replicas,
                              extra_excluded_namespaces=tuple(args.exclude), exporter=not args.no_exporter,
                              gc_every=None if args.no_gc else args.gc_every, log_level=args.log_level)

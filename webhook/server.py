@@ -51,6 +51,7 @@ class ServerOptions:
     accepted_istio_images: tuple[str, ...] = ()   # opt-in: Istio's capture containers' images (empty: unchecked)
     mesh_privileged_proxies: bool = False         # opt-in: Istio's privileged istio-init/istio-proxy shape is exempt
     namespace: str = "bpfinit-system"   # the webhook's own namespace: its pods are never mutated/policed
+    node_namespace: str = "bpfinit-node"   # the exporter/gc DaemonSet's namespace: never mutated/policed either
     workers: int = 2
     threads: int = 16
     metrics_dir: str | None = None
@@ -140,6 +141,7 @@ class WebhookServer(BaseApplication):
         logs.configure(self.options.log_level)
         return create_app(WebhookSettings(agent_image=self.options.agent_image, cert_dir=self.options.cert_dir,
                                           own_namespace=self.options.namespace,
+                                          node_namespace=self.options.node_namespace,
                                           accepted_agent_images=tuple(self.options.accepted_agent_images),
                                           accepted_istio_images=tuple(self.options.accepted_istio_images),
                                           mesh_privileged_proxies=bool(self.options.mesh_privileged_proxies)),

@@ -79,6 +79,13 @@ def _all_sets():
     return sets
 
 
+def _webhook_namespace(objs):
+    """The webhook's Namespace object (the set also creates the node DaemonSet's)."""
+    name = _only(objs, "Deployment")["metadata"]["namespace"]
+    (ns,) = [o for o in objs if o["kind"] == "Namespace" and o["metadata"]["name"] == name]
+    return ns
+
+
 def _only(objs, kind):
     found = [o for o in objs if o["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
@@ -273,7 +280,7 @@ def _ns(name, **labels):
 def test_r10_webhook_configurations(label, objs):
     mut = _only(objs, "MutatingWebhookConfiguration")
     val = _only(objs, "ValidatingWebhookConfiguration")
-    ns = _only(objs, "Namespace")["metadata"]["name"]
+    ns = _webhook_namespace(objs)["metadata"]["name"]
     # sorts after every Istio injector / revision-tag configuration; nothing istiod's patcher would touch
     assert all(mut["metadata"]["name"] > name for name in ISTIO_CONFIG_NAMES)
     assert "istio.io/rev" not in (mut["metadata"].get("labels") or {})
@@ -390,7 +397,7 @@ def test_webhook_pods_meet_pod_security_restricted(label, objs):
         assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
         assert c["resources"]["limits"]["memory"], c["name"]
     assert all("hostPath" not in v for v in deploy["volumes"])
-    ns = _only(objs, "Namespace")["metadata"]["labels"]
+    ns = _webhook_namespace(objs)["metadata"]["labels"]
     assert ns["pod-security.kubernetes.io/enforce"] == "restricted" and ns["istio-injection"] == "disabled"
 
 
@@ -499,7 +506,8 @@ def test_cli_renders_chosen_namespace_and_image(tmp_path):
         if o["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
                              "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration") \
                 and o["apiVersion"].split("/")[0] != render.POLICY_GROUP:
-            assert o["metadata"]["namespace"] == "mesh-admission", _key(o)
+            node = o["metadata"]["name"] == render.EXPORTER_NAME     # the DaemonSet and its ServiceAccount
+            assert o["metadata"]["namespace"] == ("bpfinit-node" if node else "mesh-admission"), _key(o)
     images = {c["image"] for o in objs if o["kind"] in ("Deployment", "DaemonSet")
               for c in o["spec"]["template"]["spec"]["containers"]}
     assert images == {"registry.example/bpfinit:1.2.3"}
@@ -567,6 +575,8 @@ def test_cli_renders_mesh_privileged_proxies_for_the_server():
     (["--replicas=0"], "between 1 and 50"),
     (["--image=bad image"], "not an image reference"),
     (["--exclude-namespace=-x"], "not a valid namespace name"),
+    (["--node-namespace=Node"], "--node-namespace 'Node' is not a valid namespace name"),
+    (["--node-namespace=bpfinit-system"], "--node-namespace must differ from --namespace"),
     (["--accepted-agent-image=bad image"], "--accepted-agent-image 'bad image' is not an image reference"),
     (["--accepted-istio-image=docker.io/istio/*"], "--accepted-istio-image 'docker.io/istio/*' has a '*' that is "
                                                   "not a whole tag: the only wildcard is REPOSITORY:*"),

@@ -11,6 +11,7 @@ from tests.webhook.istio_pods import INJECTED, pod_create_review, pods_in_file
 from tests.webhook.test_metrics import samples, value
 
 OWN_NAMESPACE = "mesh-admission"
+NODE_NAMESPACE = "mesh-node"          # the exporter/gc DaemonSet's (`serve --node-namespace`)
 # A cluster-wide Enforce policy that allows no bypass at all, for every namespace ("*").
 POLICY_DOCS = [
     {"apiVersion": "bpfinit.io/v1alpha1", "kind": "EgressBypassSettings",
@@ -26,7 +27,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("protected")
     policy_file = tmp / "policy.yaml"
     policy_file.write_text(yaml.safe_dump_all(POLICY_DOCS))
-    srv = start_server(tmp, "--namespace", OWN_NAMESPACE, "--policy", str(policy_file), "--policy-crds", "off",
+    srv = start_server(tmp, "--namespace", OWN_NAMESPACE, "--node-namespace", NODE_NAMESPACE, "--policy", str(policy_file), "--policy-crds", "off",
                        workers=1)
     yield srv
     srv.stop()
@@ -39,7 +40,7 @@ def _bypassing_pod() -> dict:
     return pod
 
 
-@pytest.mark.parametrize("namespace", ["kube-system", OWN_NAMESPACE])
+@pytest.mark.parametrize("namespace", ["kube-system", OWN_NAMESPACE, NODE_NAMESPACE])
 def test_protected_namespaces_are_left_alone(server, namespace):
     mutated = server.review(pod_create_review(_bypassing_pod(), namespace=namespace))["response"]
     assert mutated["allowed"] is True and decode_patch({"response": mutated}) is None
@@ -66,9 +67,11 @@ def test_request_namespace_beats_a_forged_object_namespace(server):
     assert validated["allowed"] is False
 
 
-def test_bpfinit_system_is_not_special_when_we_run_elsewhere(server):
-    """Only *our* namespace is protected: with --namespace mesh-admission, bpfinit-system is a normal one."""
-    validated = server.review(pod_create_review(_bypassing_pod(), namespace="bpfinit-system"),
+@pytest.mark.parametrize("namespace", ["bpfinit-system", "bpfinit-node"])
+def test_default_namespaces_are_not_special_when_we_run_elsewhere(server, namespace):
+    """Only *our* namespaces are protected: with --namespace mesh-admission --node-namespace mesh-node,
+    bpfinit-system and bpfinit-node are normal ones."""
+    validated = server.review(pod_create_review(_bypassing_pod(), namespace=namespace),
                               path="/validate")["response"]
     assert validated["allowed"] is False
 
