@@ -244,7 +244,7 @@ def _gc_round(args) -> int:
     from initagent import gc
     try:
         report = gc.collect(args.bpffs, args.cgroup2_root or None)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, ValueError) as err:   # ValueError: a corrupt pin or map value
         return _err(f"gc failed: {err}")
     print(json.dumps(report, sort_keys=True) if args.json else
           f"bpfinit-agent: gc removed {report['pods_removed']} dead pods, {report['entries_removed']} entries, "
@@ -267,10 +267,7 @@ def _gc_every(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.append(1))
     while not stopping:
-        try:
-            _gc_round(args)
-        except ValueError as err:   # a corrupt pin or map value: report it, try again next round
-            _err(f"gc failed: {err}")
+        _gc_round(args)
         deadline = time.monotonic() + args.every
         while not stopping and (left := deadline - time.monotonic()) > 0:
             if select.select([wake_r], [], [], left)[0]:
